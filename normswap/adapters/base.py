@@ -1,0 +1,161 @@
+"""The one reading every source norm is turned into, and the registry of adapters that produce it.
+
+An adapter matches a norm class by its qualified name (so timm and transformers need not be imported)
+and reads an instance into a :class:`NormInfo`: what it normalizes over, eps, affine tensors, running
+statistics and any fused activation/drop. Classes are matched explicitly; a subclass of a known class
+is read like its base only when it keeps the base's ``forward`` (otherwise its math is unknown and the
+module is skipped with that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import RegistrationError
+
+KINDS = ("batch", "layer", "rms", "group", "instance")
+
+
+@dataclass
+class NormInfo:
+    """What a source norm computes, read the same way for every class.
+
+    ``kind`` is one of ``batch``, ``layer``, ``rms``, ``group``, ``instance``. ``channels_first`` says the
+    norm runs over dim 1 of ``[N, C, *]`` (BatchNorm, GroupNorm, LayerNorm2d) rather than over the
+    trailing ``normalized_shape`` dims (LayerNorm, RMSNorm). ``weight_offset`` is 1.0 for norms that
+    scale by ``1 + weight`` (Gemma style).
+    """
+
+    kind: str
+    num_features: int
+    eps: float
+    channels_first: bool
+    normalized_shape: tuple[int, ...] = ()
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    momentum: float | None = 0.1
+    track_running_stats: bool = False
+    frozen: bool = False
+    spatial_dims: int | None = None
+    num_groups: int | None = None
+    weight_offset: float = 0.0
+    variant: str = ""
+    act: nn.Module | None = None
+    drop: nn.Module | None = None
+    adapter: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def reference_tensor(self, module: nn.Module) -> torch.Tensor | None:
+        """A tensor of the source module that gives the device and dtype a replacement should use."""
+        for t in (self.weight, self.running_mean, self.bias):
+            if t is not None:
+                return t
+        return next(iter(module.parameters(recurse=False)), next(iter(module.buffers(recurse=False)), None))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Reads instances of the named classes into :class:`NormInfo`."""
+
+    name: str
+    class_names: tuple[str, ...]
+    read: Callable[[nn.Module], NormInfo]
+
+
+class Unsupported(Exception):
+    """Raised by a reader for a module it recognizes but cannot read; the message is the skip reason."""
+
+
+_BY_CLASS: dict[str, Adapter] = {}
+_PREDICATES: list[tuple[Callable[[nn.Module], bool], Adapter]] = []
+
+
+def qualname(cls: type) -> str:
+    """``module.QualName`` of a class, the key adapters are registered under."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_adapter(*class_names: str, name: str | None = None, predicate: Callable[[nn.Module], bool] | None = None):
+    """Decorator registering a reader for classes given by qualified name (or by a predicate).
+
+    Example:
+        >>> @register_adapter("mypkg.layers.MyNorm")
+        ... def read_my_norm(m):
+        ...     return NormInfo(kind="layer", num_features=m.dim, eps=m.eps, channels_first=False,
+        ...                     normalized_shape=(m.dim,), weight=m.scale)
+    """
+    if not class_names and predicate is None:
+        raise RegistrationError("register_adapter needs at least one class name or a predicate")
+
+    def deco(read: Callable[[nn.Module], NormInfo]) -> Callable[[nn.Module], NormInfo]:
+        adapter = Adapter(name or read.__name__.removeprefix("read_"), tuple(class_names), read)
+        for cls_name in class_names:
+            _BY_CLASS[cls_name] = adapter
+        if predicate is not None:
+            _PREDICATES.append((predicate, adapter))
+        return read
+
+    return deco
+
+
+def find_adapter(module: nn.Module) -> tuple[Adapter | None, str | None]:
+    """The adapter for ``module`` and, when a norm-like module cannot be read, the reason.
+
+    Exact class first; then the nearest known base class, accepted only when ``module`` keeps that
+    base's ``forward``; then predicates (for families of generated classes such as HF RMSNorms).
+    """
+    cls = type(module)
+    adapter = _BY_CLASS.get(qualname(cls))
+    if adapter is not None:
+        return adapter, None
+    for base in cls.__mro__[1:]:
+        adapter = _BY_CLASS.get(qualname(base))
+        if adapter is None:
+            continue
+        if cls.forward is base.forward or getattr(cls, "_normswap_same_math", False):
+            return adapter, None
+        for predicate, pred_adapter in _PREDICATES:
+            if predicate(module):
+                return pred_adapter, None
+        return None, (f"{cls.__name__} subclasses {base.__name__} but overrides forward; normswap does not "
+                      f"know its math (register an adapter for {qualname(cls)!r} or exclude it)")
+    for predicate, adapter in _PREDICATES:
+        if predicate(module):
+            return adapter, None
+    return None, None
+
+
+def read_norm(module: nn.Module) -> tuple[NormInfo | None, str | None]:
+    """Read ``module`` into a :class:`NormInfo`; returns ``(None, reason)`` for unreadable norms and
+    ``(None, None)`` for modules that are not norms.
+
+    Example:
+        >>> info, _ = read_norm(nn.BatchNorm2d(8))
+        >>> info.kind, info.num_features
+        ('batch', 8)
+    """
+    from ..norms.act import _ActDropMixin
+
+    if isinstance(module, _ActDropMixin):
+        # a replacement normswap gave a fused act: read it as its norm class, plus the act
+        base_cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, _ActDropMixin))
+        adapter = _BY_CLASS.get(qualname(base_cls))
+        reason = None if adapter is not None else f"{type(module).__name__}: no adapter for {base_cls.__name__}"
+    else:
+        adapter, reason = find_adapter(module)
+    if adapter is None:
+        return None, reason
+    try:
+        info = adapter.read(module)
+    except Unsupported as exc:
+        return None, str(exc)
+    info.adapter = adapter.name
+    if isinstance(module, _ActDropMixin):
+        info.act, info.drop = module.act, module.drop
+    return info, None

@@ -1,0 +1,257 @@
+"""``normswap.convert`` and ``normswap.plan``: the one public function that does the work.
+
+Data flows one way: adapters read every norm -> torch.fx relates convs to norms and finds functional
+calls -> the spec builds each replacement -> the surgery swaps it in place -> the plan reports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import NormInfo, read_norm
+from .errors import ConversionError, NormSwapError, OptionError
+from .graph import Relations, find_relations
+from .norms.std_conv import standardize_conv, ws_skip_reason
+from .report import Change, Plan
+from .specs import Spec, get_spec
+from .surgery import finish_replacement, rewrite_functional, set_module
+
+
+class NothingToConvertWarning(UserWarning):
+    """Warned when a model has no module the spec converts; the model is returned unchanged."""
+
+
+@dataclass
+class _Norm:
+    paths: list[str]
+    module: nn.Module
+    info: NormInfo | None
+    reason: str | None
+
+
+def _globs(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise OptionError(f"option {name!r} must be a module-path glob or a list of globs, got {value!r}")
+
+
+def _split_options(options: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
+    rest = dict(options)
+    include = _globs("include", rest.pop("include", None))
+    exclude = _globs("exclude", rest.pop("exclude", None))
+    return include, exclude, rest
+
+
+def _selected(paths: list[str], include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    def hit(globs: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatchcase(p, g) for p in paths for g in globs)
+
+    return (not include or hit(include)) and not hit(exclude)
+
+
+def _collect_norms(model: nn.Module) -> list[_Norm]:
+    by_id: dict[int, _Norm] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if not path:
+            continue
+        item = by_id.get(id(module))
+        if item is not None:
+            item.paths.append(path)
+            continue
+        info, reason = read_norm(module)
+        if info is not None or reason is not None:
+            by_id[id(module)] = _Norm([path], module, info, reason)
+    return list(by_id.values())
+
+
+def _type_name(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _describe(spec: Spec, item: _Norm, options: dict[str, Any]) -> tuple[str, list[str]]:
+    """Build the replacement on the meta device only to name it and collect the builder's notes."""
+    info = copy.copy(item.info)
+    info.notes = []
+    with torch.device("meta"):
+        new = spec.builder(info, **options)
+    name = _type_name(new) + ("Act" if info.act is not None or info.drop is not None else "")
+    return name, info.notes
+
+
+def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tuple[str, ...],
+             exclude: tuple[str, ...]) -> tuple[Plan, list[_Norm], Relations]:
+    norms = _collect_norms(model)
+    convs = {p: m for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.modules.conv._ConvNd)}
+    rel = find_relations(model, {p: n.module for n in norms for p in n.paths}, convs)
+    ws = spec.ws_config(options)
+    plan = Plan(spec=spec.name, options={**options, "include": list(include), "exclude": list(exclude)})
+    to_replace: list[_Norm] = []
+    standardized: set[int] = set()
+    matched_include = False
+    for item in norms:
+        old = _type_name(item.module)
+        if not _selected(item.paths, include, exclude):
+            plan.changes.append(Change(item.paths[0], "skip", old, reason="not selected by include/exclude",
+                                       also_at=tuple(item.paths[1:])))
+            continue
+        matched_include = True
+        if item.info is None:
+            plan.changes.append(Change(item.paths[0], "skip", old, reason=item.reason or "not readable",
+                                       also_at=tuple(item.paths[1:])))
+            continue
+        reason = item.info and spec.skip_reason(item.info, options)
+        if reason:
+            plan.changes.append(Change(item.paths[0], "skip", old, reason=reason, also_at=tuple(item.paths[1:])))
+            continue
+        new_type, notes = _describe(spec, item, options)
+        conv_paths: list[str] = []
+        if ws is not None:
+            for path in item.paths:
+                for conv_path in rel.feeds.get(path, []):
+                    conv = convs[conv_path]
+                    why = ws_skip_reason(conv)
+                    if why is not None:
+                        notes.append(f"conv {conv_path} not standardized: {why}")
+                    elif id(conv) not in standardized:
+                        standardized.add(id(conv))
+                        conv_paths.append(conv_path)
+                if path in rel.by_module_order:
+                    notes.append("conv feeding it found by module order (its enclosing module does not trace)")
+        plan.changes.append(Change(item.paths[0], "replace", old, new_type, carried=_carried_names(item.info),
+                                   convs_standardized=tuple(conv_paths), warnings=tuple(notes),
+                                   also_at=tuple(item.paths[1:])))
+        to_replace.append(item)
+    if ws is not None and ws.convs == "all":
+        for path, conv in convs.items():
+            if id(conv) in standardized or not _selected([path], include, exclude) or ws_skip_reason(conv):
+                continue
+            standardized.add(id(conv))
+            plan.changes.append(Change(path, "standardize", _type_name(conv), "Std" + _type_name(conv)))
+    for call in rel.functional:
+        if not _selected([call.module_path], include, exclude):
+            continue
+        where = call.module_path or "<root>"
+        if call.norm not in spec.functional:
+            plan.changes.append(Change(where, "skip", f"{call.norm}()", reason=f"functional {call.norm} call "
+                                       f"{call.node}: spec {spec.name!r} has no functional form for it"))
+        elif call.specialized:
+            plan.changes.append(Change(where, "skip", f"{call.norm}()", reason=f"functional call {call.node} "
+                                       "found only with arguments fixed; its module cannot be rewritten"))
+        else:
+            plan.changes.append(Change(where, "rewrite", f"{call.norm}()", f"{spec.name} functional",
+                                       warnings=(f"call {call.node}",)))
+    if include and not matched_include:
+        plan.warnings.append(f"include={list(include)} matched no norm module")
+    covered = [r.path for r in rel.trace.regions]
+    opaque = [(p, e) for p, e in rel.trace.untraced
+              if not any(c == p or c.startswith(p + ".") or not p for c in covered)]
+    if opaque:
+        first = ", ".join(f"{p or '<root>'} ({e})" for p, e in opaque[:3])
+        plan.warnings.append(f"{len(opaque)} module(s) do not trace with torch.fx, so functional norm calls "
+                             f"inside them are not seen: {first}")
+    return plan, to_replace, rel
+
+
+def _carried_names(info: NormInfo) -> tuple[str, ...]:
+    return tuple(n for n in ("weight", "bias") if getattr(info, n) is not None)
+
+
+def _prepare(model: nn.Module, spec: str | Spec, options: dict[str, Any]):
+    if not isinstance(model, nn.Module):
+        raise NormSwapError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec_obj = get_spec(spec)
+    include, exclude, rest = _split_options(options)
+    return spec_obj, include, exclude, spec_obj.resolve(rest)
+
+
+def plan(model: nn.Module, spec: str | Spec, **options: Any) -> Plan:
+    """What :func:`convert` would do to ``model``, changing nothing.
+
+    Example:
+        >>> import torchvision  # doctest: +SKIP
+        >>> print(normswap.plan(timm.create_model("resnet50"), "gn_ws"))  # doctest: +SKIP
+    """
+    spec_obj, include, exclude, opts = _prepare(model, spec, options)
+    return _analyze(model, spec_obj, opts, include, exclude)[0]
+
+
+def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **options: Any) -> nn.Module:
+    """Swap ``model``'s norms as ``spec`` says and return the model (same class, same methods).
+
+    ``inplace=False`` (default) converts a deep copy and leaves ``model`` untouched. Options are the
+    spec's own (see ``normswap list --verbose``) plus ``include=``/``exclude=`` module-path globs.
+    The plan of what was done is at ``normswap.last_plan(converted)``.
+
+    Example:
+        >>> import timm, normswap  # doctest: +SKIP
+        >>> model = normswap.convert(timm.create_model("resnet50", pretrained=False), "gn_ws")  # doctest: +SKIP
+    """
+    spec_obj, include, exclude, opts = _prepare(model, spec, options)
+    plan_, _, _ = _analyze(model, spec_obj, opts, include, exclude)
+    target = model if inplace else copy.deepcopy(model)
+    if len(plan_) == 0:
+        warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in "
+                      f"{type(model).__name__} ({len(plan_.skipped)} norms skipped); the model is unchanged",
+                      NothingToConvertWarning, stacklevel=2)
+        target.__dict__["_normswap_plan"] = plan_
+        return target
+    _apply(plan_, target, spec_obj, opts)
+    target.__dict__["_normswap_plan"] = plan_
+    target.__dict__.setdefault("_normswap_history", []).append({"spec": spec_obj.name, "options": plan_.options})
+    return target
+
+
+def last_plan(model: nn.Module) -> Plan | None:
+    """The plan of the last :func:`convert` that produced ``model`` (``None`` if it was not converted).
+
+    Example:
+        >>> last_plan(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    return model.__dict__.get("_normswap_plan")
+
+
+def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) -> None:
+    ws = spec.ws_config(options)
+    for change in plan_.changes:
+        if change.action == "replace":
+            source = target.get_submodule(change.path)
+            info, reason = read_norm(source)
+            if info is None:
+                raise ConversionError(f"{change.path}: {reason}")
+            new = spec.builder(info, **options)
+            finish_replacement(new, info, source)
+            for path in (change.path, *change.also_at):
+                set_module(target, path, new)
+            for conv_path in change.convs_standardized:
+                _standardize(target, conv_path, ws)
+        elif change.action == "standardize":
+            _standardize(target, change.path, ws)
+    rewritten: set[str] = set()
+    for change in plan_.changes:
+        if change.action == "rewrite" and change.path not in rewritten:
+            rewritten.add(change.path)
+            module = target if change.path == "<root>" else target.get_submodule(change.path)
+            try:
+                rewrite_functional(module, spec.functional, options)
+            except Exception as exc:  # tracing user code: report, do not half-convert
+                raise ConversionError(f"{change.path}: could not rewrite its functional norm calls "
+                                      f"({type(exc).__name__}: {exc}); exclude it with exclude=[{change.path!r}]") from exc
+
+
+def _standardize(target: nn.Module, path: str, ws) -> None:
+    conv = target.get_submodule(path)
+    if ws_skip_reason(conv) is None:
+        standardize_conv(conv, ws.eps, ws.mode)

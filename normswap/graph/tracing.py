@@ -1,0 +1,126 @@
+"""Trace the smallest enclosing modules that torch.fx can trace.
+
+Whole timm models usually trace; HuggingFace models (``transformers`` v5 has no FX tracer of its own)
+mostly do not, but their blocks do. :func:`trace_regions` tries a module, and when it fails, its
+children, down to the leaves. Norms, convs, and the modules timm marks as not traceable are leaves.
+A module is first traced with every argument symbolic (a graph that can replace its ``forward``); if
+that fails, once more with its defaulted arguments fixed to their defaults (``specialized``: good for
+reading relations, not for rewriting).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+
+@dataclass
+class Region:
+    """A module that traced, with its graph; ``path`` is its module path in the model."""
+
+    path: str
+    module: nn.Module
+    graph: torch.fx.Graph
+    specialized: bool
+
+
+@dataclass
+class TraceResult:
+    """The traced regions and the modules under which nothing traced (paths, with the first error)."""
+
+    regions: list[Region] = field(default_factory=list)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    fx = sys.modules.get("timm.layers._fx")
+    if fx is None:
+        return (), ()
+    try:
+        return tuple(fx.get_notrace_modules()), tuple(fx.get_notrace_functions())
+    except Exception:  # an older or newer timm without these helpers: trace without its hints
+        return (), ()
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, leaf_ids: set[int], leaf_types: tuple[type, ...], autowrap: tuple) -> None:
+        super().__init__(autowrap_functions=autowrap)
+        self._leaf_ids = leaf_ids
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self._leaf_ids or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_defaults(module: nn.Module) -> dict[str, object] | None:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    out = {}
+    for p in params.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out or None
+
+
+def _try_trace(tracer_args: tuple, module: nn.Module) -> tuple[torch.fx.Graph | None, bool, str]:
+    first_error = ""
+    attempts: list[dict | None] = [None]
+    concrete = _concrete_defaults(module)
+    if concrete:
+        attempts.append(concrete)
+    for concrete_args in attempts:
+        tracer = _Tracer(*tracer_args)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(module, concrete_args=concrete_args)
+            return graph, concrete_args is not None, ""
+        except Exception as exc:  # any failure inside user code means "does not trace"
+            if not first_error:
+                first_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    return None, False, first_error
+
+
+def trace_regions(model: nn.Module, leaves: Iterable[nn.Module]) -> TraceResult:
+    """Trace ``model``, or failing that the smallest enclosing modules that trace.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        >>> [r.path for r in trace_regions(m, [m[1]]).regions]
+        ['']
+    """
+    leaf_ids = {id(m) for m in leaves}
+    notrace_types, notrace_fns = _timm_notrace()
+    leaf_types = (nn.modules.conv._ConvNd,) + notrace_types
+    tracer_args = (leaf_ids, leaf_types, notrace_fns)
+    result = TraceResult()
+
+    def visit(path: str, module: nn.Module) -> None:
+        if id(module) in leaf_ids or isinstance(module, leaf_types):
+            return
+        children = list(module.named_children())
+        if not children:
+            return
+        graph, specialized, error = _try_trace(tracer_args, module)
+        if graph is not None:
+            result.regions.append(Region(path, module, graph, specialized))
+            return
+        result.untraced.append((path, error))
+        for name, child in children:
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return result

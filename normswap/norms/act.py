@@ -1,0 +1,59 @@
+"""Keep a fused activation and drop on a replacement norm without changing its state-dict keys.
+
+timm's norm-act layers (``BatchNormAct2d``, ``LayerNormAct`` ...) apply ``drop`` then ``act`` after the
+norm. A naive swap to ``nn.GroupNorm`` silently drops both. :func:`attach_act` gives any replacement the
+same behaviour by switching it to a subclass whose ``forward`` runs the norm's own ``forward`` and then
+``drop`` and ``act``; the submodules are named ``drop`` and ``act`` as in timm, so keys such as
+``bn1.act.weight`` (a PReLU) stay what they were.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_ACT_CLASSES: dict[type, type] = {}
+
+
+class _ActDropMixin:
+    """Runs the wrapped norm, then ``self.drop`` and ``self.act`` (timm's order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))  # type: ignore[misc]
+
+
+def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
+    """Return the cached subclass of ``norm_cls`` that applies ``drop`` and ``act`` after the norm.
+
+    Example:
+        >>> from torch import nn
+        >>> act_class(nn.GroupNorm).__name__
+        'GroupNormAct'
+    """
+    if issubclass(norm_cls, _ActDropMixin):
+        return norm_cls
+    cls = _ACT_CLASSES.get(norm_cls)
+    if cls is None:
+        name = f"{norm_cls.__name__}Act"
+        cls = type(name, (_ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name})
+        _ACT_CLASSES[norm_cls] = cls
+        # module-level name so that pickling a whole model can find the class again
+        globals().setdefault(name, cls)
+    return cls
+
+
+def attach_act(norm: nn.Module, act: nn.Module | None, drop: nn.Module | None) -> nn.Module:
+    """Give ``norm`` a fused ``drop`` and ``act``, in place; a no-op when both are ``None``.
+
+    Example:
+        >>> from torch import nn
+        >>> gn = attach_act(nn.GroupNorm(2, 4), nn.ReLU(), None)
+        >>> bool((gn(torch.randn(2, 4, 3, 3)) >= 0).all())
+        True
+    """
+    if act is None and drop is None:
+        return norm
+    norm.__class__ = act_class(type(norm))
+    norm.drop = drop if drop is not None else nn.Identity()
+    norm.act = act if act is not None else nn.Identity()
+    return norm

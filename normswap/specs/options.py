@@ -1,0 +1,131 @@
+"""Typed conversion options, validated against the annotations of a spec's builder.
+
+A spec's builder declares its options as keyword-only parameters with annotations and defaults; the
+same signature is the documentation, the validation and the CLI's ``--set key=value`` parser.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import OptionError, closest
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a spec: its name, annotation and default."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", str(ann))
+
+
+def options_of(builder: Callable[..., Any]) -> dict[str, Option]:
+    """The keyword-only options a builder takes, with their resolved annotations."""
+    hints = typing.get_type_hints(builder)
+    out = {}
+    for p in inspect.signature(builder).parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            out[p.name] = Option(p.name, hints.get(p.name, Any), p.default)
+    return out
+
+
+def _matches(value: Any, ann: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits ``ann``; returns the (possibly widened, int -> float) value."""
+    if ann is Any:
+        return True, value
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return value in typing.get_args(ann), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            ok, v = _matches(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(ann) or (Any,)
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        return all(_matches(v, inner)[0] for v in value), tuple(value)
+    if ann is type(None):
+        return value is None, value
+    if ann is bool:
+        return isinstance(value, bool), value
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if ann is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    return isinstance(value, ann), value
+
+
+def validate_options(spec_name: str, declared: dict[str, Option], given: dict[str, Any]) -> dict[str, Any]:
+    """Check ``given`` against ``declared`` and return the full option dict (defaults filled in).
+
+    Every problem is collected and raised as one :class:`OptionError`.
+
+    Example:
+        >>> def build(info, *, groups: int = 32): ...
+        >>> validate_options("gn", options_of(build), {"groups": 16})
+        {'groups': 16}
+    """
+    problems = []
+    resolved = {name: opt.default for name, opt in declared.items()}
+    for name, value in given.items():
+        opt = declared.get(name)
+        if opt is None:
+            known = ", ".join(sorted(declared)) or "none"
+            problems.append(f"unknown option {name!r} for spec {spec_name!r} (its options: {known})."
+                            f"{closest(name, declared)}")
+            continue
+        ok, value = _matches(value, opt.annotation)
+        if not ok:
+            problems.append(f"option {name!r} of spec {spec_name!r} must be {opt.type_name()}, got {value!r}")
+            continue
+        resolved[name] = value
+    if problems:
+        raise OptionError("; ".join(problems))
+    return resolved
+
+
+def parse_option_value(text: str) -> Any:
+    """Parse a command-line ``key=value`` value: ints, floats, booleans, ``none``, or the string.
+
+    Example:
+        >>> parse_option_value("16"), parse_option_value("1e-6"), parse_option_value("true")
+        (16, 1e-06, True)
+    """
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
