@@ -153,10 +153,14 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
             plan.changes.append(Change(where, "rewrite", f"{call.norm}()", f"{spec.name} functional",
                                        warnings=(f"call {call.node}",)))
     if include and not matched_include:
-        plan.warnings.append(f"include={list(include)} matched no norm module")
+        message = f"include={list(include)} matched no norm module"
+        plan.warnings.append(message)
+        warnings.warn(f"normswap: {message}", UserWarning, stacklevel=4)
     covered = [r.path for r in rel.trace.regions]
     opaque = [(p, e) for p, e in rel.trace.untraced
               if not any(c == p or c.startswith(p + ".") or not p for c in covered)]
+    # name only the outermost opaque modules
+    opaque = [(p, e) for p, e in opaque if not any(q != p and p.startswith(q + ".") for q, _ in opaque)]
     if opaque:
         first = ", ".join(f"{p or '<root>'} ({e})" for p, e in opaque[:3])
         plan.warnings.append(f"{len(opaque)} module(s) do not trace with torch.fx, so functional norm calls "

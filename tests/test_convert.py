@@ -1,0 +1,264 @@
+"""convert/plan on small real models: what convert must keep, bad input, the plan."""
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+import normswap
+from normswap.norms.std_conv import StdConv2d
+
+
+class Block(nn.Module):
+    def __init__(self, c_in=3, c=48):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(c, act_layer=nn.ReLU)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn(self.conv(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def _bn_count(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_resnet_gn_ws_keeps_class_methods_and_keys():
+    model = timm.create_model("resnet18", pretrained=False)
+    keys = set(model.state_dict())
+    out = normswap.convert(model, "gn_ws")
+    assert type(out) is type(model) and hasattr(out, "forward_features") and out.pretrained_cfg
+    assert _bn_count(out) == 0 and _bn_count(model) > 0
+    assert isinstance(out.conv1, StdConv2d)
+    dropped = {k for k in keys if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert set(out.state_dict()) == keys - dropped
+    y = out.forward_features(torch.randn(1, 3, 64, 64))
+    assert torch.isfinite(y).all()
+
+
+def test_inplace_false_leaves_input_untouched():
+    model = Block()
+    before = copy.deepcopy(model.state_dict())
+    types_before = [type(m) for m in model.modules()]
+    normswap.convert(model, "gn_ws")
+    assert [type(m) for m in model.modules()] == types_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_affine_parameters_are_the_same_objects_and_optimizer_keeps_state():
+    model = Block()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    opt.step()
+    weight = model.bn.weight
+    state_before = opt.state[weight]["exp_avg"].clone()
+    out = normswap.convert(model, "gn_ws", inplace=True)
+    assert out.bn.weight is weight and out.conv.weight is model.conv.weight
+    opt.zero_grad()
+    out(x).sum().backward()
+    before = weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, weight.detach())
+    assert opt.state[weight]["step"] == 2
+    assert not torch.equal(opt.state[weight]["exp_avg"], state_before)
+
+
+def test_fused_activation_survives():
+    model = Block()
+    out = normswap.convert(model, "gn_ws")
+    assert isinstance(out.bn, nn.GroupNorm) and isinstance(out.bn.act, nn.ReLU)
+    y = out.bn(torch.randn(2, 48, 4, 4))
+    assert (y >= 0).all() and (y == 0).any()
+    # the same for every spec that takes BatchNorm
+    for spec in ("gn", "in", "ln", "ghost_bn"):
+        conv = normswap.convert(model, spec)
+        assert isinstance(conv.bn.act, nn.ReLU), spec
+        assert (conv.bn(torch.randn(4, 48, 4, 4)) >= 0).all(), spec
+
+
+def test_idempotent():
+    model = Block()
+    once = normswap.convert(model, "gn_ws")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twice = normswap.convert(once, "gn_ws")
+    assert any(issubclass(w.category, normswap.NothingToConvertWarning) for w in caught)
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    x = torch.randn(2, 3, 8, 8)
+    once.eval(), twice.eval()
+    assert torch.equal(once(x), twice(x))
+
+
+def test_device_dtype_mode_requires_grad_and_hooks():
+    model = Block().to(torch.bfloat16).eval()
+    model.bn2.weight.requires_grad_(False)
+    calls = []
+    model.bn2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    out = normswap.convert(model, "gn")
+    assert not out.bn2.training and out.bn2.weight.dtype == torch.bfloat16
+    assert not out.bn2.weight.requires_grad and out.bn2.bias.requires_grad
+    out(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
+    assert calls == [torch.Size([1, 48, 8, 8])]
+
+
+def test_shared_module_replaced_everywhere():
+    model = Block()
+    model.shared = model.bn2  # one module at two paths
+    out = normswap.convert(model, "gn")
+    assert out.shared is out.bn2 and isinstance(out.bn2, nn.GroupNorm)
+    plan = normswap.last_plan(out)
+    row = next(c for c in plan.changes if c.path in ("bn2", "shared"))
+    assert set((row.path, *row.also_at)) == {"bn2", "shared"}
+
+
+def test_group_count_rule_reported():
+    model = Block(c=24)
+    plan = normswap.plan(model, "gn")
+    row = next(c for c in plan.changes if c.path == "bn2")
+    assert any("12 groups of 2" in w for w in row.warnings)
+    out = normswap.convert(model, "gn")
+    assert out.bn2.num_groups == 12
+    assert normswap.convert(model, "gn", group_size=8).bn2.num_groups == 3
+
+
+def test_choose_groups_never_size_one_by_accident():
+    from normswap.specs import choose_groups
+
+    for c in range(2, 300):
+        g, _ = choose_groups(c, 32)
+        assert c % g == 0 and c // g >= 2
+        if c % 32 == 0 and c >= 64:
+            assert g == 32
+
+
+def test_plan_changes_nothing_and_prints_a_table():
+    model = timm.create_model("resnet18", pretrained=False)
+    types_before = [type(m) for m in model.modules()]
+    plan = normswap.plan(model, "gn_ws")
+    assert [type(m) for m in model.modules()] == types_before
+    assert len(plan.replaced) == _bn_count(model)
+    row = next(c for c in plan.changes if c.path == "layer1.0.bn1")
+    assert row.old_type == "BatchNorm2d" and row.new_type == "GroupNorm"
+    assert row.carried == ("weight", "bias") and row.convs_standardized == ("layer1.0.conv1",)
+    text = str(plan)
+    assert "layer1.0.bn1" in text and "GroupNorm" in text and "convs standardized" in text
+
+
+def test_ws_all_convs_option():
+    model = Block()
+    model.extra = nn.Conv2d(48, 48, 1)
+    plan = normswap.plan(model, "gn_ws", ws_convs="all")
+    assert "extra" in plan.standardized_convs and "conv" in plan.standardized_convs
+    assert "extra" not in normswap.plan(model, "gn_ws").standardized_convs
+
+
+def test_include_exclude():
+    model = Block()
+    out = normswap.convert(model, "gn", exclude="bn2")
+    assert isinstance(out.bn, nn.GroupNorm) and isinstance(out.bn2, nn.BatchNorm2d)
+    with pytest.warns(UserWarning, match="matched no norm"):
+        normswap.convert(model, "gn", include=["nothing.*"])
+
+
+def test_errors():
+    model = Block()
+    with pytest.raises(normswap.UnknownSpecError, match="Did you mean 'gn_ws'"):
+        normswap.convert(model, "gn_wss")
+    with pytest.raises(normswap.OptionError, match="unknown option 'grups'.*Did you mean 'groups'"):
+        normswap.convert(model, "gn", grups=8)
+    with pytest.raises(normswap.OptionError, match="'groups'.*must be int"):
+        normswap.convert(model, "gn", groups="eight")
+    with pytest.raises(normswap.OptionError, match="ws_eps_mode"):
+        normswap.convert(model, "gn_ws", ws_eps_mode="sideways")
+    assert issubclass(normswap.UnknownSpecError, normswap.NormSwapError)
+    assert issubclass(normswap.NormSwapError, ValueError)
+
+
+def test_nothing_to_convert_warns_and_keeps_model():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.warns(normswap.NothingToConvertWarning):
+        out = normswap.convert(model, "gn_ws")
+    assert [type(m) for m in out.modules()] == [type(m) for m in model.modules()]
+
+
+def test_register_custom_spec_and_convert():
+    class ScaledGN(nn.GroupNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    @normswap.register_spec("scaled_gn", sources=("batch",), description="GroupNorm times two")
+    def scaled_gn(info, *, groups: int = 4):
+        return ScaledGN(groups, info.num_features, eps=info.eps)
+
+    try:
+        assert "scaled_gn" in normswap.list_specs()
+        out = normswap.convert(Block(), "scaled_gn", groups=6)
+        assert isinstance(out.bn2, ScaledGN) and out.bn2.num_groups == 6
+        assert isinstance(out.bn.act, nn.ReLU)
+        with pytest.raises(normswap.RegistrationError):
+            normswap.register_spec("scaled_gn", sources=("batch",), description="again")(scaled_gn)
+    finally:
+        normswap.unregister_spec("scaled_gn")
+
+
+def test_frozen_batchnorm_converts():
+    from timm.layers import FrozenBatchNormAct2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = Block()
+    model.bn2 = FrozenBatchNorm2d(48)
+    model.bn = FrozenBatchNormAct2d(48, act_layer=nn.ReLU)
+    with torch.no_grad():
+        model.bn2.weight.uniform_(0.5, 1.5)
+    out = normswap.convert(model, "gn_ws")
+    assert isinstance(out.bn2, nn.GroupNorm) and out.conv2.__class__ is StdConv2d
+    assert isinstance(out.bn2.weight, nn.Parameter) and torch.equal(out.bn2.weight, model.bn2.weight)
+    assert isinstance(out.bn.act, nn.ReLU)
+    rows = {c.path: c for c in normswap.last_plan(out).changes}
+    assert rows["bn2"].action == "replace" and rows["bn"].action == "replace"
+    with pytest.warns(normswap.NothingToConvertWarning):
+        normswap.convert(nn.Sequential(FrozenBatchNorm2d(4)), "ghost_bn")
+
+
+def test_unknown_subclass_overriding_forward_is_skipped_with_reason():
+    class OddBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    model = Block()
+    model.bn2 = OddBN(48)
+    plan = normswap.plan(model, "gn")
+    row = next(c for c in plan.changes if c.path == "bn2")
+    assert row.action == "skip" and "overrides forward" in row.reason
+
+
+def test_functional_layer_norm_rewritten():
+    class FuncLN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(16) + 0.5)
+            self.bias = nn.Parameter(torch.randn(16))
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(torch.nn.functional.layer_norm(x, (16,), self.weight, self.bias, 1e-5))
+
+    model = nn.Sequential(FuncLN())
+    out = normswap.convert(model, "rms")
+    plan = normswap.last_plan(out)
+    assert [c.action for c in plan.changes] == ["rewrite"]
+    x = torch.randn(3, 16)
+    m = out[0]
+    expected = m.proj(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * m.weight + m.bias)
+    torch.testing.assert_close(out(x), expected)
+    assert type(out[0]).__name__ == "FuncLN" and set(out.state_dict()) == set(model.state_dict())

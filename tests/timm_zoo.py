@@ -1,0 +1,82 @@
+"""Building timm models for the zoo tests: names, input sizes, the per-model check."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import timm
+import torch
+from torch import nn
+
+import normswap
+from zoo_checks import check_batch_independence, check_forward_backward
+
+SEED = 20261126
+SAMPLE = 64
+MAX_SIDE = 96
+
+
+def has_norm(model: nn.Module, kind: str) -> bool:
+    from normswap.adapters import read_norm
+
+    for m in model.modules():
+        info, _ = read_norm(m)
+        if info is not None and info.kind == kind:
+            return True
+        if kind == "batch" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
+    return False
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if cfg.get("fixed_input_size", False):
+        return c, h, w
+    side = min(h, w, MAX_SIDE)
+    if "min_input_size" in cfg:
+        side = max(side, cfg["min_input_size"][-1])
+    return c, side, side
+
+
+def build(name: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timm.create_model(name, pretrained=False)
+
+
+def sample(names: list[str], k: int = SAMPLE) -> list[str]:
+    rng = random.Random(SEED)
+    return sorted(rng.sample(names, min(k, len(names))))
+
+
+def has_norm_cheap(name: str, kind: str) -> bool:
+    """Whether timm ``name`` has a ``kind`` norm, built on the meta device (no memory, no init cost)."""
+    try:
+        with torch.device("meta"):
+            return has_norm(build(name), kind)
+    except Exception:  # some models compute values while building; build those for real
+        return has_norm(build(name), kind)
+
+
+def check_timm(name: str, spec: str, kind: str) -> str:
+    """Convert timm ``name`` with ``spec`` and run the zoo checks; returns 'ok' or 'no-norm'."""
+    if not has_norm_cheap(name, kind):
+        return "no-norm"
+    model = build(name)
+    model = normswap.convert(model, spec, inplace=True)
+    assert not has_norm(model, kind) or kind != "batch" or _left(model) == [], f"BatchNorm left: {_left(model)[:5]}"
+    c, h, w = input_size(model)
+    torch.manual_seed(0)
+    x = torch.randn(2, c, h, w)
+    other = torch.randn(2, c, h, w)
+    check_forward_backward(model, {"x": x}, train=True)
+    check_forward_backward(model, {"x": x}, train=False)
+    if kind == "batch":
+        check_batch_independence(model, {"x": x}, "x", other)
+    return "ok"
+
+
+def _left(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
