@@ -6,7 +6,7 @@ Example:
 """
 
 from .adapters import NormInfo, register_adapter
-from .convert import NothingToConvertWarning, convert, last_plan, plan
+from .engine import NothingToConvertWarning, convert, last_plan, plan
 from .errors import ConversionError, NormSwapError, OptionError, RegistrationError, UnknownSpecError
 from .report import Change, Plan
 from .specs import Spec, get_spec, list_specs, register_spec, unregister_spec

@@ -43,7 +43,7 @@ def _parse_sets(pairs: Sequence[str]) -> dict:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .convert import plan
+    from .engine import plan
     from .models import build_model
 
     options = _parse_sets(args.set or [])

@@ -262,3 +262,27 @@ def test_functional_layer_norm_rewritten():
     expected = m.proj(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * m.weight + m.bias)
     torch.testing.assert_close(out(x), expected)
     assert type(out[0]).__name__ == "FuncLN" and set(out.state_dict()) == set(model.state_dict())
+
+
+def test_functional_batch_norm_rewritten_to_group_norm():
+    class FuncBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.weight = nn.Parameter(torch.rand(8) + 0.5)
+            self.bias = nn.Parameter(torch.randn(8))
+            self.register_buffer("mean", torch.zeros(8))
+            self.register_buffer("var", torch.ones(8))
+
+        def forward(self, x):
+            x = self.conv(x)
+            return torch.nn.functional.batch_norm(x, self.mean, self.var, self.weight, self.bias, self.training)
+
+    model = nn.Sequential(FuncBN())
+    out = normswap.convert(model, "gn", groups=4)
+    x = torch.randn(2, 3, 6, 6)
+    m = out[0]
+    expected = torch.nn.functional.group_norm(m.conv(x), 4, m.weight, m.bias, 1e-5)
+    torch.testing.assert_close(out(x), expected)
+    plan = normswap.plan(model, "ghost_bn")
+    assert plan.changes[0].action == "skip" and "no functional form" in plan.changes[0].reason

@@ -6,6 +6,7 @@ Matched by qualified class name, so none of those packages is imported here.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from functools import lru_cache
 
@@ -77,10 +78,7 @@ def _read_layer(m: nn.Module, channels_first: bool, variant: str = "") -> NormIn
     shape = tuple(m.normalized_shape)
     if channels_first and len(shape) != 1:
         raise Unsupported(f"channels-first LayerNorm over {shape} (expected one channel dim)")
-    num = 1
-    for s in shape:
-        num *= s
-    info = NormInfo(kind="layer", num_features=num, eps=float(m.eps), channels_first=channels_first,
+    info = NormInfo(kind="layer", num_features=math.prod(shape), eps=float(m.eps), channels_first=channels_first,
                     normalized_shape=shape, weight=m.weight, bias=getattr(m, "bias", None), variant=variant)
     info.act, info.drop = _act_drop(m)
     return info
@@ -130,10 +128,7 @@ def _read_rms(m: nn.Module, channels_first: bool, eps: float | None, weight_offs
     if eps is None:  # torch's RMSNorm default: machine epsilon of the dtype it runs in; made explicit here
         ref = weight if weight is not None else torch.empty(0)
         eps = torch.finfo(ref.dtype if ref.is_floating_point() else torch.float32).eps
-    num = 1
-    for s in shape:
-        num *= s
-    info = NormInfo(kind="rms", num_features=num, eps=float(eps), channels_first=channels_first,
+    info = NormInfo(kind="rms", num_features=math.prod(shape), eps=float(eps), channels_first=channels_first,
                     normalized_shape=shape, weight=weight, bias=getattr(m, "bias", None),
                     weight_offset=weight_offset)
     info.act, info.drop = _act_drop(m)
@@ -196,19 +191,15 @@ def read_hf_rms_norm(m: nn.Module) -> NormInfo:
     return _read_rms(m, channels_first=False, eps=_hf_eps(m), weight_offset=offset)
 
 
-def _read_group(m: nn.Module, num_groups: int, kind: str = "group") -> NormInfo:
-    info = NormInfo(kind=kind, num_features=m.num_channels, eps=float(m.eps), channels_first=True,
-                    normalized_shape=(m.num_channels,), weight=m.weight, bias=m.bias, num_groups=num_groups)
-    info.act, info.drop = _act_drop(m)
-    return info
-
-
 @register_adapter(
     "torch.nn.modules.normalization.GroupNorm", "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1",
     "timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act",
 )
 def read_group_norm(m: nn.Module) -> NormInfo:
-    return _read_group(m, m.num_groups)
+    info = NormInfo(kind="group", num_features=m.num_channels, eps=float(m.eps), channels_first=True,
+                    normalized_shape=(m.num_channels,), weight=m.weight, bias=m.bias, num_groups=m.num_groups)
+    info.act, info.drop = _act_drop(m)
+    return info
 
 
 @register_adapter(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import NormInfo
@@ -13,6 +15,34 @@ from .base import WSConfig, register_spec
 from .groups import choose_groups
 
 BN_STATS_DROPPED = "running_mean, running_var, num_batches_tracked are removed; weight and bias keep their keys"
+
+
+def _gn_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5, *, spec_options):
+    """A functional ``F.batch_norm`` call rewritten to GroupNorm, the group count chosen from x's channels."""
+    groups, _ = choose_groups(x.shape[1], spec_options.get("groups"), spec_options.get("group_size"))
+    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+def _in_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5, *, spec_options):
+    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
+    return F.group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def _ln_from_bn_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+                           momentum=0.1, eps=1e-5, *, spec_options):
+    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
+    y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps)
+    return y.movedim(-1, 1)
+
+
+def _ln_from_rms_functional(x, normalized_shape, weight=None, eps=None, *, spec_options):
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
+    return F.layer_norm(x, normalized_shape, weight, None, eps)
 
 
 def _group_norm(info: NormInfo, groups: int | None, group_size: int | None, eps: float | None) -> nn.Module:
@@ -30,6 +60,7 @@ def _ws(options: dict[str, Any]) -> WSConfig:
 
 @register_spec(
     "gn_ws", sources=("batch",), weight_standardization=_ws, changed_keys=BN_STATS_DROPPED,
+    functional={"batch_norm": _gn_functional},
     description="BatchNorm -> GroupNorm + Weight Standardization on the convs feeding it (BiT)",
 )
 def gn_ws(info: NormInfo, *, groups: int | None = 32, group_size: int | None = None, eps: float | None = None,
@@ -44,7 +75,7 @@ def gn_ws(info: NormInfo, *, groups: int | None = 32, group_size: int | None = N
     return _group_norm(info, groups, group_size, eps)
 
 
-@register_spec("gn", sources=("batch",), changed_keys=BN_STATS_DROPPED,
+@register_spec("gn", sources=("batch",), changed_keys=BN_STATS_DROPPED, functional={"batch_norm": _gn_functional},
                description="BatchNorm -> GroupNorm (Wu & He 2018)")
 def gn(info: NormInfo, *, groups: int | None = 32, group_size: int | None = None,
        eps: float | None = None) -> nn.Module:
@@ -60,6 +91,7 @@ def _instance_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
 
 
 @register_spec("in", sources=("batch",), accepts=_instance_accepts, changed_keys=BN_STATS_DROPPED,
+               functional={"batch_norm": _in_functional},
                description="BatchNorm2d/3d -> InstanceNorm with affine (Ulyanov et al. 2016)")
 def instance_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
     """InstanceNorm with affine and no running stats; a SyncBatchNorm of unknown rank gets GroupNorm(C, C)."""
@@ -74,6 +106,7 @@ def instance_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
 
 @register_spec(
     "ln", sources=("batch", "rms"),
+    functional={"batch_norm": _ln_from_bn_functional, "rms_norm": _ln_from_rms_functional},
     changed_keys="from BatchNorm: " + BN_STATS_DROPPED + "; from RMSNorm: none (no bias is added)",
     description="BatchNorm -> LayerNorm over channels; RMSNorm -> LayerNorm (Ba et al. 2016)",
 )

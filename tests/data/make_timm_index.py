@@ -1,4 +1,5 @@
-"""Regenerate timm_norms.json: which norm kinds each timm architecture has (built on the meta device).
+"""Regenerate timm_norms.json: which norm kinds each timm architecture has and its parameter count
+(built on the meta device, so nothing is allocated or initialized).
 
 Run: python tests/data/make_timm_index.py   (a few minutes; no weights are downloaded)
 """
@@ -15,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from normswap.adapters import read_norm  # noqa: E402
 
 
-def kinds(name: str) -> list[str]:
+def describe(name: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -30,18 +31,18 @@ def kinds(name: str) -> list[str]:
             found.add(info.kind)
         elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             found.add("batch")
-    return sorted(found)
+    return {"kinds": sorted(found), "params": sum(p.numel() for p in model.parameters())}
 
 
 def main() -> None:
     out = {"timm_version": timm.__version__, "models": {}}
     for name in timm.list_models():
         try:
-            out["models"][name] = kinds(name)
+            out["models"][name] = describe(name)
         except Exception as exc:  # record, so the sweep still lists it
-            out["models"][name] = [f"error: {type(exc).__name__}"]
+            out["models"][name] = {"kinds": [f"error: {type(exc).__name__}"], "params": 0}
     path = pathlib.Path(__file__).with_name("timm_norms.json")
-    path.write_text(json.dumps(out, indent=0, sort_keys=True) + "\n")
+    path.write_text(json.dumps(out, sort_keys=True, separators=(",", ":")).replace("},", "},\n") + "\n")
     print(f"wrote {path} ({len(out['models'])} models)")
 
 

@@ -184,8 +184,10 @@ def plan(model: nn.Module, spec: str | Spec, **options: Any) -> Plan:
     """What :func:`convert` would do to ``model``, changing nothing.
 
     Example:
-        >>> import torchvision  # doctest: +SKIP
-        >>> print(normswap.plan(timm.create_model("resnet50"), "gn_ws"))  # doctest: +SKIP
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
+        >>> p = plan(model, "gn_ws")
+        >>> [(c.path, c.new_type, c.convs_standardized) for c in p.changes]
+        [('1', 'GroupNorm', ('0',))]
     """
     spec_obj, include, exclude, opts = _prepare(model, spec, options)
     return _analyze(model, spec_obj, opts, include, exclude)[0]
@@ -199,8 +201,10 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
     The plan of what was done is at ``normswap.last_plan(converted)``.
 
     Example:
-        >>> import timm, normswap  # doctest: +SKIP
-        >>> model = normswap.convert(timm.create_model("resnet50", pretrained=False), "gn_ws")  # doctest: +SKIP
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64))
+        >>> converted = convert(model, "gn_ws", groups=16)
+        >>> type(converted[0]).__name__, converted[1].num_groups
+        ('StdConv2d', 16)
     """
     spec_obj, include, exclude, opts = _prepare(model, spec, options)
     plan_, _, _ = _analyze(model, spec_obj, opts, include, exclude)

@@ -1,0 +1,250 @@
+"""The "BERT LayerNorm" of the Annotated Transformer (Rush, 2018) used by early BERT ports (Devlin et al., 2019).
+
+It differs from ``nn.LayerNorm`` in two ways: the standard deviation is the *unbiased* one, and ``eps`` is
+added to the standard deviation instead of the variance:
+
+    y = weight * (x - mean) / (x.std(-1, unbiased=True) + eps) + bias
+
+Implementation notes (measured on a 2-core CPU, fp32): the python-ops formula above runs as ~8 autograd ops,
+each allocating a full-size tensor. Here the layer is one :class:`torch.autograd.Function` built on torch's
+fused layer-norm kernels:
+
+* Forward: the fused LayerNorm forward (with a negligible variance epsilon) returns the row mean, the exact
+  biased variance (through its ``rstd``) and ``(x - mean) * rstd * weight`` in one pass; rescaling each row
+  by ``(1 / (std_unbiased + eps)) / rstd`` turns that into the BERT output.
+* Backward: with ``u = alpha * (x - mean)`` as its input, ``mean = 0`` and ``rstd = 1 / (std_unbiased + eps)``,
+  the fused LayerNorm backward computes exactly the BERT input gradient when
+  ``alpha**2 = D * (std + eps) / ((D - 1) * std)``: the kernel's ``x``-coefficient ``-sum(dy*w*u) * rstd**3 / D``
+  then equals the BERT one, ``-sum(dy*w*(x-mean)) * rstd**2 / ((D-1) * std)``. Feeding the kernel the centred
+  input (rather than ``x`` and ``mean``) also avoids the cancellation ``sum(dy*w*x) - mean*sum(dy*w)``, which
+  this layer would amplify by ``1 / std``. A second, input-gradient-free call of the kernel with the real
+  ``x`` and ``mean`` returns the weight and bias gradients.
+* Constant rows: the kernel's variance epsilon (~1e-29 in float32) keeps every statistic finite, so ``std``
+  is never exactly 0 and nothing is divided by zero; ``x - mean`` is 0 there, so their input gradient is
+  ``rstd * (dy*w - mean(dy*w))``, as autograd of the python formula gives (it masks ``std``'s backward at 0).
+* Cost: forward = the fused LayerNorm forward + one in-place pass; backward = two fused LayerNorm backward
+  calls + building ``u`` (one subtraction, one in-place scaling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from normswap.errors import OptionError
+from normswap.norms.rms_norm import (
+    _apply_channels_first,
+    _apply_rows,
+    _check_channels,
+    _check_channels_first,
+    _check_eps,
+    _check_input,
+    _check_param,
+    _check_shape,
+    _compute_dtype,
+    _flat,
+    _no_autocast,
+)
+
+__all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
+
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+_TINY_VAR_EPS = {dt: float(torch.finfo(dt).tiny) ** 0.75 for dt in (torch.float32, torch.float64)}
+
+
+class _BertLayerNormRows(torch.autograd.Function):
+    """BERT LayerNorm over the trailing ``d`` elements of each row of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
+        cdt = _compute_dtype(x.dtype)
+        # A variance epsilon for the fused kernel that only keeps its rstd finite on constant rows: far below
+        # any variance that matters, yet 1/sqrt of it times a row value stays finite (float32 and float64).
+        var_eps = _TINY_VAR_EPS.get(cdt, 1e-30)
+        with _no_autocast(x.device.type):
+            x2 = x.reshape(-1, d)
+            xc = x2 if x2.dtype == cdt else x2.to(cdt)
+            # The fused kernel is markedly faster with a weight than without one.
+            w = _flat(weight, cdt) if weight is not None else xc.new_ones(d)
+            y, mean, rstd_b = torch.native_layer_norm(xc, (d,), w, None, var_eps)
+            # rstd_b = 1 / sqrt(var_biased + var_eps); var_eps is negligible next to eps, so the unbiased std
+            # is sqrt(d / (d - 1)) / rstd_b (it stays > 0, which keeps the backward free of 0 / 0).
+            std = rstd_b.reciprocal().mul_(math.sqrt(d / (d - 1)))
+            rstd = torch.add(std, eps).reciprocal_()
+            scale = rstd / rstd_b
+            if bias is None:
+                y.mul_(scale)
+            else:  # y * scale + bias in one pass
+                torch.addcmul(_flat(bias, cdt), y, scale, out=y)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        ctx.save_for_backward(x2, weight, mean, rstd, rstd_b)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.shapes = (x.shape, None if bias is None else bias.shape)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, weight, mean, rstd, rstd_b = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_shape, b_shape = ctx.shapes
+        gx = gw = gb = None
+        cdt = rstd.dtype
+        d = x.shape[1]
+        with _no_autocast(gy.device.type):
+            g = gy.reshape(-1, d)
+            if g.dtype != cdt:
+                g = g.to(cdt)
+            xc = x if x.dtype == cdt else x.to(cdt)
+            w = _flat(weight, cdt) if weight is not None else g.new_ones(d)
+            if need_x:
+                # alpha**2 = d (std + eps) / ((d - 1) std), with 1 / std = rstd_b / sqrt(d / (d - 1)).
+                c = d / (d - 1)
+                alpha = torch.mul(rstd_b, c * ctx.eps / math.sqrt(c)).add_(c).sqrt_()
+                u = torch.sub(xc, mean).mul_(alpha)
+                gx = _layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
+                del u
+                gx = gx.to(x.dtype).view(x_shape)
+            if need_w or need_b:
+                b = g.new_zeros(d) if need_b else None
+                _, gw, gb = _layer_norm_backward(g, xc, (d,), mean, rstd, w, b, [False, need_w, need_b])
+                if need_w:
+                    gw = gw.to(weight.dtype).view(weight.shape)
+                if need_b:
+                    gb = gb.to(ctx.bias_dtype).view(b_shape)
+        return gx, gw, gb, None, None
+
+
+def _check_size(shape: tuple[int, ...], name: str) -> None:
+    if math.prod(shape) < 2:
+        raise OptionError(
+            f"{name}: the unbiased standard deviation needs at least 2 normalized values, got shape {shape}."
+        )
+
+
+def bert_layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """BERT-style LayerNorm over the last ``len(normalized_shape)`` dims (Annotated Transformer / Devlin et al.).
+
+    ``y = weight * (x - mean) / (std_unbiased + eps) + bias``, with the statistics taken over all normalized
+    dims together. Half-precision inputs are normalized in float32 and returned in their own dtype.
+
+    Example:
+        >>> x = torch.randn(4, 16)
+        >>> y = bert_layer_norm(x, 16)
+        >>> torch.allclose(y, (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6), atol=1e-5)
+        True
+    """
+    shape = _check_shape(normalized_shape)
+    _check_size(shape, "bert_layer_norm")
+    _check_input(x, shape, "bert_layer_norm")
+    _check_param(weight, shape, "weight", "bert_layer_norm")
+    _check_param(bias, shape, "bias", "bert_layer_norm")
+    return _apply_rows(_BertLayerNormRows.apply, x, len(shape), weight, bias, _check_eps(eps))
+
+
+class BertLayerNorm(nn.Module):
+    """BERT-style LayerNorm layer: unbiased std, ``eps`` added to the std (Annotated Transformer / Devlin et al.).
+
+    Parameters are ``weight`` (ones) and ``bias`` (zeros, when ``bias=True``); both are absent when
+    ``elementwise_affine=False``.
+
+    Example:
+        >>> norm = BertLayerNorm(768)
+        >>> norm(torch.randn(2, 10, 768)).shape
+        torch.Size([2, 10, 768])
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-6,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape: tuple[int, ...] = _check_shape(normalized_shape)
+        _check_size(self.normalized_shape, type(self).__name__)
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set ``weight`` to ones and ``bias`` to zeros, so a fresh layer only normalizes."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.normalized_shape, type(self).__name__)
+        return _apply_rows(
+            _BertLayerNormRows.apply, x, len(self.normalized_shape), self.weight, self.bias, self.eps
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class BertLayerNorm2d(BertLayerNorm):
+    """Channels-first BERT LayerNorm: normalizes dim 1 of an [N, C, *] input (Annotated Transformer / Devlin et al.).
+
+    Same parameters as :class:`BertLayerNorm` with ``normalized_shape == (num_channels,)``; the output uses
+    channels-last memory layout (free for channels_last inputs).
+
+    Example:
+        >>> norm = BertLayerNorm2d(64)
+        >>> norm(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        num_channels = _check_channels(num_channels)
+        super().__init__(
+            num_channels, eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
+        self.num_channels = num_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels_first(x, self.num_channels, type(self).__name__)
+        return _apply_channels_first(_BertLayerNormRows.apply, x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
