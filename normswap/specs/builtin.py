@@ -174,6 +174,8 @@ def rms(info: NormInfo, *, eps: float | None = None, bias: bool = True) -> nn.Mo
 
 
 def _bert_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
+    if info.num_features < 2:
+        return "normalizes a single value: the unbiased std of one value is undefined"
     return "already a BERT LayerNorm" if info.variant == "bert" else None
 
 
