@@ -211,3 +211,19 @@ def test_is_a_module_swap_for_layer_norm_shapes():
     m = RMSNorm(ln.normalized_shape, eps=ln.eps)
     assert m.normalized_shape == ln.normalized_shape
     assert m(torch.randn(2, 24)).shape == (2, 24)
+
+
+def test_output_allows_in_place_ops_after_the_norm():
+    """A fused ReLU(inplace=True) after the norm (timm's norm-act layers) must work and keep gradients right."""
+    from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
+    from normswap.norms.rms_norm import RMSNorm2d
+
+    cases = [(RMSNorm(8), (3, 5, 8)), (RMSNorm2d(8), (2, 8, 3, 3)), (BertLayerNorm(8), (3, 5, 8)),
+             (BertLayerNorm2d(8), (2, 8, 3, 3))]
+    for layer, shape in cases:
+        x = torch.randn(shape, requires_grad=True)
+        y = torch.relu_(layer(x))
+        y.sum().backward()
+        ref_x = x.detach().clone().requires_grad_(True)
+        torch.relu(layer(ref_x)).sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad)

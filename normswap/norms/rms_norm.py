@@ -122,20 +122,22 @@ def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _apply_rows(fn, x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Run a row kernel over the last ``dims`` dims of ``x``, flattened into one row per leading index.
 
-    The flattening happens inside the kernel (``fn(x, weight, bias, eps, row_size)``), where it records no
-    autograd nodes.
+    The reshapes happen here, outside the kernel, so the kernel's output is not a view made inside an
+    autograd Function: an in-place op after the norm (``ReLU(inplace=True)``) must be allowed on it.
     """
-    return fn(x, weight, bias, eps, math.prod(x.shape[x.dim() - dims :]))
+    d = math.prod(x.shape[x.dim() - dims :])
+    return fn(x.reshape(-1, d), weight, bias, eps, d).view(x.shape)
 
 
 def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Run a row kernel over dim 1 of an [N, C, *] input.
 
     The channels are moved last as a view; for a channels_last input that view is already contiguous rows,
-    otherwise the kernel copies once (as timm's ``LayerNorm2d`` does through ``permute``). The result is
+    otherwise the reshape copies once (as timm's ``LayerNorm2d`` does through ``permute``). The result is
     returned in channels-last memory layout, viewed back as [N, C, *].
     """
-    y = fn(x.permute(0, *range(2, x.dim()), 1), weight, bias, eps, x.shape[1])
+    moved = x.permute(0, *range(2, x.dim()), 1)
+    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps, x.shape[1]).view(moved.shape)
     return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
 
 
@@ -176,7 +178,7 @@ class _RMSNormRows(torch.autograd.Function):
         ctx.save_for_backward(x2, rstd, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.shapes = (x.shape, None if bias is None else bias.shape)
-        return y.view(x.shape)
+        return y  # x arrives as [rows, d]; a view made here would forbid in-place ops on the output
 
     @staticmethod
     def backward(ctx, gy: Tensor):
