@@ -8,14 +8,11 @@ import torch
 from normswap.errors import NormSwapError
 from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d, bert_layer_norm
 
+from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
+                      check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, grads,
+                      randomize)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add waiting (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(x, normalized_shape, weight=None, bias=None, eps=1e-6):
@@ -23,38 +20,14 @@ def reference(x, normalized_shape, weight=None, bias=None, eps=1e-6):
     flat = x.flatten(-len(normalized_shape))
     mean = flat.mean(-1, keepdim=True)
     std = flat.std(-1, keepdim=True)
-    y = ((flat - mean) / (std + eps)).view(x.shape)
-    if weight is not None:
-        y = weight * y
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _params(shape, dtype, weight, bias):
-    w = torch.randn(shape, dtype=dtype).requires_grad_() if weight else None
-    b = torch.randn(shape, dtype=dtype).requires_grad_() if bias else None
-    return w, b
-
-
-def _grads(y, inputs, gy):
-    return torch.autograd.grad(y, [t for t in inputs if t is not None], gy)
-
-
-AFFINE = [(True, True), (True, False), (False, False), (False, True)]
+    return affine(((flat - mean) / (std + eps)).view(x.shape), weight, bias)
 
 
 @pytest.mark.parametrize("weight,bias", AFFINE)
 @pytest.mark.parametrize("shape,normalized", [((4, 7, 32), (32,)), ((3, 5, 6, 4), (6, 4)), ((9, 16), (16,))])
 def test_matches_python_formula_fp32(shape, normalized, weight, bias):
     x = (torch.randn(shape) * 2 + 0.5).requires_grad_()
-    w, b = _params(normalized, torch.float32, weight, bias)
-    y = bert_layer_norm(x, normalized, w, b, eps=1e-5)
-    ref = reference(x, normalized, w, b, eps=1e-5)
-    torch.testing.assert_close(y, ref)
-    gy = torch.randn_like(ref)
-    for got, want in zip(_grads(y, (x, w, b), gy), _grads(ref, (x, w, b), gy)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    check_functional_against_reference(bert_layer_norm, reference, x, normalized, weight, bias)
 
 
 def test_eps_is_added_to_the_unbiased_std():
@@ -68,22 +41,15 @@ def test_eps_is_added_to_the_unbiased_std():
 
 @pytest.mark.parametrize("weight,bias", AFFINE)
 def test_gradcheck_float64(weight, bias):
-    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    w, b = _params((5,), torch.float64, weight, bias)
-    assert torch.autograd.gradcheck(lambda x, w, b: bert_layer_norm(x, 5, w, b), (x, w, b))
+    check_gradcheck_float64(bert_layer_norm, (2, 3, 5), 5, weight, bias)
 
 
 def test_gradcheck_float64_several_dims_and_large_eps():
-    x = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
-    w, b = _params((2, 4), torch.float64, True, True)
-    assert torch.autograd.gradcheck(lambda x, w, b: bert_layer_norm(x, (2, 4), w, b, eps=0.3), (x, w, b))
+    check_gradcheck_float64(bert_layer_norm, (2, 3, 2, 4), (2, 4), True, True, eps=0.3)
 
 
 def test_module_matches_reference_and_state_dict():
-    m = BertLayerNorm(16, eps=1e-5)
-    with torch.no_grad():
-        m.weight.normal_()
-        m.bias.normal_()
+    m = randomize(BertLayerNorm(16, eps=1e-5))
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(m(x), reference(x, (16,), m.weight, m.bias, eps=1e-5))
     assert list(m.state_dict()) == ["weight", "bias"]
@@ -109,22 +75,7 @@ def test_repr():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_2d_matches_permuted_reference(channels_last):
-    m = BertLayerNorm2d(8)
-    with torch.no_grad():
-        m.weight.normal_()
-        m.bias.normal_()
-    x = torch.randn(2, 8, 5, 3)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    y = m(x)
-    ref = reference(x.permute(0, 2, 3, 1), (8,), m.weight, m.bias).permute(0, 3, 1, 2)
-    torch.testing.assert_close(y, ref)
-    gy = torch.randn_like(ref)
-    params = (x, m.weight, m.bias)
-    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert list(m.state_dict()) == ["weight", "bias"]
+    check_2d_against_permuted_reference(BertLayerNorm2d(8), reference, channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -143,13 +94,7 @@ def test_half_precision_is_finite_and_close(dtype):
 
 
 def test_bf16_under_autocast():
-    m = BertLayerNorm(32)
-    x = torch.randn(5, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+    check_bf16_under_autocast(BertLayerNorm(32))
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, -3.25])
@@ -164,8 +109,7 @@ def test_constant_rows_match_the_formula_without_nan(value):
     ref = reference(x, (16,), w, b)
     torch.testing.assert_close(y, ref)
     gy = torch.randn_like(y)
-    grads = _grads(y, (x, w, b), gy)
-    for got, want in zip(grads, _grads(ref, (x, w, b), gy)):
+    for got, want in zip(grads(y, (x, w, b), gy), grads(ref, (x, w, b), gy)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)  # the constant row's dx is ~1e6 large
 
@@ -191,10 +135,4 @@ def test_bad_arguments_raise_value_errors():
 
 
 def test_torch_compile_eager_backend():
-    m = BertLayerNorm(16)
-    x = torch.randn(4, 16, requires_grad=True)
-    compiled = torch.compile(m, backend="eager", fullgraph=True)
-    y = compiled(x)
-    torch.testing.assert_close(y, m(x))
-    y.sum().backward()
-    assert torch.isfinite(x.grad).all()
+    check_torch_compile_eager(BertLayerNorm(16))

@@ -11,22 +11,9 @@ from torch import nn
 
 from normswap.norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
+from conftest import randomize
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add waiting (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomize(m: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        if m.weight is not None:
-            m.weight.normal_()
-            m.bias.normal_()
-    return m
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_chunk_reference(x, sizes, weight, bias, eps):
@@ -44,7 +31,7 @@ def _twin(ghost: nn.Module, cls=nn.BatchNorm2d) -> nn.Module:
 
 @pytest.mark.parametrize("batch,vbs,sizes", [(12, 4, [4, 4, 4]), (10, 4, [4, 4, 2]), (7, 3, [3, 3, 1])])
 def test_training_output_is_per_chunk_batch_norm(batch, vbs, sizes):
-    g = _randomize(GhostBatchNorm2d(5, virtual_batch_size=vbs))
+    g = randomize(GhostBatchNorm2d(5, virtual_batch_size=vbs))
     x = torch.randn(batch, 5, 3, 4) * 2 + 1
     y = g(x)
     torch.testing.assert_close(y, per_chunk_reference(x, sizes, g.weight, g.bias, g.eps))
@@ -56,7 +43,7 @@ def test_training_output_is_per_chunk_batch_norm(batch, vbs, sizes):
 
 
 def test_backward_matches_per_chunk_reference():
-    g = _randomize(GhostBatchNorm2d(4, virtual_batch_size=3))
+    g = randomize(GhostBatchNorm2d(4, virtual_batch_size=3))
     x = torch.randn(8, 4, 3, 3, requires_grad=True)
     gy = torch.randn(8, 4, 3, 3)
     params = (x, g.weight, g.bias)
@@ -68,7 +55,7 @@ def test_backward_matches_per_chunk_reference():
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 def test_running_stats_equal_whole_batch_batch_norm(momentum):
-    g = _randomize(GhostBatchNorm2d(6, momentum=momentum, virtual_batch_size=4))
+    g = randomize(GhostBatchNorm2d(6, momentum=momentum, virtual_batch_size=4))
     bn = _twin(g)
     for step in range(4):
         x = torch.randn(10, 6, 3, 3) * (step + 1) + step
@@ -106,7 +93,7 @@ def test_virtual_batch_of_one_sample_without_spatial_dims_uses_pairs():
 
 
 def test_eval_is_plain_batch_norm():
-    g = _randomize(GhostBatchNorm2d(6, virtual_batch_size=2))
+    g = randomize(GhostBatchNorm2d(6, virtual_batch_size=2))
     for _ in range(3):
         g(torch.randn(8, 6, 4, 4) * 3 + 1)
     bn = _twin(g)
@@ -117,7 +104,7 @@ def test_eval_is_plain_batch_norm():
 
 
 def test_batch_within_one_virtual_batch_is_plain_batch_norm():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=32))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=32))
     bn = _twin(g)
     x = torch.randn(6, 3, 2, 2)
     torch.testing.assert_close(g(x), bn(x))
@@ -136,7 +123,7 @@ def test_one_value_per_channel_raises_like_batch_norm():
 
 
 def test_gradcheck_training_forward_float64():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False).double())
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False).double())
     x = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: g(x), (x, g.weight, g.bias))
 
@@ -148,11 +135,11 @@ def test_gradcheck_without_affine_float64():
 
 
 def test_gradient_for_parameters_only():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     x = torch.randn(5, 3, 2, 2)  # no grad for the input
     y = g(x)
     y.square().sum().backward()
-    ref = _randomize(GhostBatchNorm2d(3))
+    ref = randomize(GhostBatchNorm2d(3))
     ref.load_state_dict(g.state_dict())
     w = ref.weight.detach().requires_grad_()
     b = ref.bias.detach().requires_grad_()
@@ -163,7 +150,7 @@ def test_gradient_for_parameters_only():
 
 @pytest.mark.parametrize("kwargs", [{"affine": False}, {"track_running_stats": False}])
 def test_variants_match_batch_norm_semantics(kwargs):
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2, **kwargs))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2, **kwargs))
     bn = _twin(g)
     assert list(g.state_dict()) == list(bn.state_dict())
     x = torch.randn(6, 3, 2, 2)
@@ -179,10 +166,10 @@ def test_variants_match_batch_norm_semantics(kwargs):
 
 
 def test_1d_and_3d():
-    g1 = _randomize(GhostBatchNorm1d(4, virtual_batch_size=3))
+    g1 = randomize(GhostBatchNorm1d(4, virtual_batch_size=3))
     x1 = torch.randn(7, 4, 5)
     torch.testing.assert_close(g1(x1), per_chunk_reference(x1, [3, 3, 1], g1.weight, g1.bias, g1.eps))
-    g3 = _randomize(GhostBatchNorm3d(2, virtual_batch_size=2))
+    g3 = randomize(GhostBatchNorm3d(2, virtual_batch_size=2))
     x3 = torch.randn(5, 2, 2, 3, 2)
     torch.testing.assert_close(g3(x3), per_chunk_reference(x3, [2, 2, 1], g3.weight, g3.bias, g3.eps))
     with pytest.raises(ValueError):
@@ -190,7 +177,7 @@ def test_1d_and_3d():
 
 
 def test_channels_last_and_bfloat16():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     x = torch.randn(5, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
     y = g(x)
     torch.testing.assert_close(y, per_chunk_reference(x, [2, 2, 1], g.weight, g.bias, g.eps))
@@ -216,7 +203,7 @@ def test_constructor_validation_and_repr():
 
 
 def test_deepcopy_and_state_dict_round_trip():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     g(torch.randn(6, 3, 2, 2))
     h = copy.deepcopy(g)
     bn = nn.BatchNorm2d(3)
@@ -225,7 +212,7 @@ def test_deepcopy_and_state_dict_round_trip():
 
 
 def test_torch_compile_eager_backend():
-    g = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    g = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     ref = copy.deepcopy(g)
     x = torch.randn(5, 3, 2, 2, requires_grad=True)
     y = torch.compile(g, backend="eager", fullgraph=True)(x)

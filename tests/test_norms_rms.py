@@ -9,77 +9,47 @@ from torch import nn
 from normswap.errors import NormSwapError
 from normswap.norms.rms_norm import RMSNorm, RMSNorm2d, rms_norm
 
+from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
+                      check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, randomize)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add waiting (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(x, normalized_shape, weight=None, bias=None, eps=1e-6):
     """y = x / sqrt(mean(x^2) + eps) * weight + bias, written with plain autograd ops."""
     dims = tuple(range(-len(normalized_shape), 0))
-    y = x / torch.sqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _params(shape, dtype, weight, bias):
-    w = torch.randn(shape, dtype=dtype).requires_grad_() if weight else None
-    b = torch.randn(shape, dtype=dtype).requires_grad_() if bias else None
-    return w, b
-
-
-def _grads(y, inputs, gy):
-    return torch.autograd.grad(y, [t for t in inputs if t is not None], gy)
-
-
-AFFINE = [(True, True), (True, False), (False, False), (False, True)]
+    return affine(x / torch.sqrt(x.pow(2).mean(dims, keepdim=True) + eps), weight, bias)
 
 
 @pytest.mark.parametrize("weight,bias", AFFINE)
 @pytest.mark.parametrize("shape,normalized", [((4, 7, 32), (32,)), ((3, 5, 6, 4), (6, 4)), ((9, 16), (16,))])
 def test_matches_reference_fp32(shape, normalized, weight, bias):
     x = torch.randn(shape).requires_grad_()
-    w, b = _params(normalized, torch.float32, weight, bias)
-    y = rms_norm(x, normalized, w, b, eps=1e-5)
-    ref = reference(x, normalized, w, b, eps=1e-5)
-    torch.testing.assert_close(y, ref)
-    gy = torch.randn_like(ref)
-    for got, want in zip(_grads(y, (x, w, b), gy), _grads(ref, (x, w, b), gy)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    check_functional_against_reference(rms_norm, reference, x, normalized, weight, bias)
 
 
 @pytest.mark.parametrize("weight,bias", AFFINE)
 def test_gradcheck_float64(weight, bias):
-    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    w, b = _params((5,), torch.float64, weight, bias)
-    assert torch.autograd.gradcheck(lambda x, w, b: rms_norm(x, 5, w, b), (x, w, b))
+    check_gradcheck_float64(rms_norm, (2, 3, 5), 5, weight, bias)
 
 
 def test_gradcheck_float64_several_dims():
-    x = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
-    w, b = _params((2, 4), torch.float64, True, True)
-    assert torch.autograd.gradcheck(lambda x, w, b: rms_norm(x, (2, 4), w, b), (x, w, b))
+    check_gradcheck_float64(rms_norm, (2, 3, 2, 4), (2, 4), True, True)
 
 
 def test_module_matches_reference_and_state_dict():
-    m = RMSNorm(16, eps=1e-5, bias=True)
-    with torch.no_grad():
-        m.weight.normal_()
-        m.bias.normal_()
+    m = randomize(RMSNorm(16, eps=1e-5, bias=True))
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(m(x), reference(x, (16,), m.weight, m.bias, eps=1e-5))
     assert list(m.state_dict()) == ["weight", "bias"]
     assert list(RMSNorm(16).state_dict()) == ["weight"]
     assert list(RMSNorm(16, elementwise_affine=False).state_dict()) == []
     assert RMSNorm(16).bias is None
+
+
+def test_repr():
+    assert repr(RMSNorm(8)) == "RMSNorm((8,), eps=1e-06, elementwise_affine=True, bias=False)"
+    assert repr(RMSNorm2d(8, bias=True)) == "RMSNorm2d(8, eps=1e-06, elementwise_affine=True, bias=True)"
 
 
 def test_fresh_module_is_plain_rms_and_reset_parameters():
@@ -93,29 +63,9 @@ def test_fresh_module_is_plain_rms_and_reset_parameters():
     torch.testing.assert_close(m.weight, torch.ones(3, 4))
 
 
-def test_repr():
-    assert repr(RMSNorm(8)) == "RMSNorm((8,), eps=1e-06, elementwise_affine=True, bias=False)"
-    assert repr(RMSNorm2d(8, bias=True)) == "RMSNorm2d(8, eps=1e-06, elementwise_affine=True, bias=True)"
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_2d_matches_permuted_reference(channels_last):
-    m = RMSNorm2d(8, bias=True)
-    with torch.no_grad():
-        m.weight.normal_()
-        m.bias.normal_()
-    x = torch.randn(2, 8, 5, 3)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    y = m(x)
-    ref = reference(x.permute(0, 2, 3, 1), (8,), m.weight, m.bias).permute(0, 3, 1, 2)
-    torch.testing.assert_close(y, ref)
-    gy = torch.randn_like(ref)
-    params = (x, m.weight, m.bias)
-    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert list(m.state_dict()) == ["weight", "bias"]
+    check_2d_against_permuted_reference(RMSNorm2d(8, bias=True), reference, channels_last)
 
 
 def test_2d_handles_1d_and_3d_spatial():
@@ -140,13 +90,7 @@ def test_half_precision_is_finite_and_close(dtype):
 
 
 def test_bf16_under_autocast():
-    m = RMSNorm(32)
-    x = torch.randn(5, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all()
+    check_bf16_under_autocast(RMSNorm(32))
 
 
 @pytest.mark.parametrize("value", [0.0, 5.0, 0.1])
@@ -196,13 +140,7 @@ def test_bad_arguments_raise_value_errors():
 
 
 def test_torch_compile_eager_backend():
-    m = RMSNorm(16, bias=True)
-    x = torch.randn(4, 16, requires_grad=True)
-    compiled = torch.compile(m, backend="eager", fullgraph=True)
-    y = compiled(x)
-    torch.testing.assert_close(y, m(x))
-    y.sum().backward()
-    assert torch.isfinite(x.grad).all()
+    check_torch_compile_eager(RMSNorm(16, bias=True))
 
 
 def test_is_a_module_swap_for_layer_norm_shapes():

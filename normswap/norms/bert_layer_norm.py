@@ -32,26 +32,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from normswap.errors import OptionError
-from normswap.norms.rms_norm import (
-    _apply_channels_first,
-    _apply_rows,
-    _check_channels,
-    _check_channels_first,
-    _check_eps,
-    _check_input,
-    _check_param,
-    _check_shape,
-    _compute_dtype,
-    _flat,
-    _no_autocast,
+from normswap.norms.row_norm import (
+    ChannelsFirstRowNorm, RowNorm, _compute_dtype, _flat, _layer_norm_backward, _no_autocast, _row_norm,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
 
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 _TINY_VAR_EPS = {dt: float(torch.finfo(dt).tiny) ** 0.75 for dt in (torch.float32, torch.float64)}
 
 
@@ -126,13 +115,8 @@ def _check_size(shape: tuple[int, ...], name: str) -> None:
         )
 
 
-def bert_layer_norm(
-    x: Tensor,
-    normalized_shape: int | Sequence[int],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-6,
-) -> Tensor:
+def bert_layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+                    bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """BERT-style LayerNorm over the last ``len(normalized_shape)`` dims (Annotated Transformer / Devlin et al.).
 
     ``y = weight * (x - mean) / (std_unbiased + eps) + bias``, with the statistics taken over all normalized
@@ -144,15 +128,12 @@ def bert_layer_norm(
         >>> torch.allclose(y, (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6), atol=1e-5)
         True
     """
-    shape = _check_shape(normalized_shape)
-    _check_size(shape, "bert_layer_norm")
-    _check_input(x, shape, "bert_layer_norm")
-    _check_param(weight, shape, "weight", "bert_layer_norm")
-    _check_param(bias, shape, "bias", "bert_layer_norm")
-    return _apply_rows(_BertLayerNormRows.apply, x, len(shape), weight, bias, _check_eps(eps))
+    return _row_norm(
+        _BertLayerNormRows.apply, x, normalized_shape, weight, bias, eps, "bert_layer_norm", check_size=_check_size
+    )
 
 
-class BertLayerNorm(nn.Module):
+class BertLayerNorm(RowNorm):
     """BERT-style LayerNorm layer: unbiased std, ``eps`` added to the std (Annotated Transformer / Devlin et al.).
 
     Parameters are ``weight`` (ones) and ``bias`` (zeros, when ``bias=True``); both are absent when
@@ -164,54 +145,12 @@ class BertLayerNorm(nn.Module):
         torch.Size([2, 10, 768])
     """
 
-    def __init__(
-        self,
-        normalized_shape: int | Sequence[int],
-        eps: float = 1e-6,
-        *,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.normalized_shape: tuple[int, ...] = _check_shape(normalized_shape)
-        _check_size(self.normalized_shape, type(self).__name__)
-        self.eps = _check_eps(eps)
-        self.elementwise_affine = bool(elementwise_affine)
-        if self.elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Set ``weight`` to ones and ``bias`` to zeros, so a fresh layer only normalizes."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        _check_input(x, self.normalized_shape, type(self).__name__)
-        return _apply_rows(
-            _BertLayerNormRows.apply, x, len(self.normalized_shape), self.weight, self.bias, self.eps
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}"
-        )
+    _check_size = staticmethod(_check_size)
+    _kernel = _BertLayerNormRows
+    _default_bias = True
 
 
-class BertLayerNorm2d(BertLayerNorm):
+class BertLayerNorm2d(ChannelsFirstRowNorm, BertLayerNorm):
     """Channels-first BERT LayerNorm: normalizes dim 1 of an [N, C, *] input (Annotated Transformer / Devlin et al.).
 
     Same parameters as :class:`BertLayerNorm` with ``normalized_shape == (num_channels,)``; the output uses
@@ -222,29 +161,3 @@ class BertLayerNorm2d(BertLayerNorm):
         >>> norm(torch.randn(2, 64, 7, 7)).shape
         torch.Size([2, 64, 7, 7])
     """
-
-    def __init__(
-        self,
-        num_channels: int,
-        eps: float = 1e-6,
-        *,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        num_channels = _check_channels(num_channels)
-        super().__init__(
-            num_channels, eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype
-        )
-        self.num_channels = num_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        _check_channels_first(x, self.num_channels, type(self).__name__)
-        return _apply_channels_first(_BertLayerNormRows.apply, x, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}"
-        )

@@ -1,0 +1,261 @@
+"""Shared machinery of the row-wise norm layers (:mod:`normswap.norms.rms_norm`, :mod:`normswap.norms.bert_layer_norm`).
+
+A *row kernel* is a :class:`torch.autograd.Function` called as ``kernel.apply(x, weight, bias, eps, d)`` on a
+2-D ``[rows, d]`` input; it normalizes each row and returns its own output tensor (never a view made inside
+its ``forward``, so that an in-place op after the norm, such as ``ReLU(inplace=True)``, is allowed). This file
+holds what the layers built on such kernels share:
+
+* the argument checks (``_check_shape``, ``_check_channels``, ``_check_eps``, ``_check_input``,
+  ``_check_param``, ``_check_channels_first``);
+* the dtype / autocast helpers the kernels use (``_compute_dtype``, ``_no_autocast``, ``_flat``);
+* ``_apply_rows`` and ``_apply_channels_first``, which run a row kernel over the trailing dims or over the
+  channel dim (dim 1) of an input, and ``_row_norm``, the checked functional form (``rms_norm`` ...);
+* :class:`RowNorm`, the layer base (parameters, checks, ``reset_parameters``, ``forward``, ``extra_repr``), and
+  :class:`ChannelsFirstRowNorm`, the base of its ``[N, C, *]`` variants. A concrete layer only names its row
+  kernel (``_kernel``), its default ``bias`` (``_default_bias``) and, if it needs one, an extra check of the
+  normalized size (``_check_size``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from normswap.errors import NormSwapError, OptionError
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: half types are too coarse for sums over hundreds of values."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Switch autocast off inside the hand-written kernels.
+
+    CUDA autocast runs ``mv`` in fp16, which would ruin the row reductions; the kernels pick every dtype
+    explicitly instead. The check keeps the common (autocast off) path free of a context switch.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_shape(normalized_shape: int | Sequence[int], what: str = "normalized_shape") -> tuple[int, ...]:
+    """Validate a user-given ``normalized_shape`` and return it as a tuple of positive ints."""
+    if isinstance(normalized_shape, bool):
+        raise OptionError(f"{what} must be an int or a sequence of ints, got {normalized_shape!r}.")
+    if isinstance(normalized_shape, numbers.Integral):
+        shape: tuple[int, ...] = (int(normalized_shape),)
+    elif isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, str):
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape):
+            raise OptionError(f"{what} must contain only ints, got {normalized_shape!r}.")
+        shape = tuple(int(s) for s in normalized_shape)
+    else:
+        raise OptionError(f"{what} must be an int or a sequence of ints, got {normalized_shape!r}.")
+    if not shape:
+        raise OptionError(f"{what} must name at least one dimension, got an empty shape.")
+    if any(s < 1 for s in shape):
+        raise OptionError(f"every entry of {what} must be >= 1, got {shape}.")
+    return shape
+
+
+def _check_channels(num_channels: int) -> int:
+    if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral) or num_channels < 1:
+        raise OptionError(f"num_channels must be an int >= 1, got {num_channels!r}.")
+    return int(num_channels)
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise OptionError(f"eps must be a finite number >= 0, got {eps!r}.")
+    return float(eps)
+
+
+def _check_input(x: Tensor, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise NormSwapError(f"{name}: expected a tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise NormSwapError(f"{name}: expected a floating-point input, got dtype {x.dtype}.")
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[x.dim() - k :]) != shape:
+        raise NormSwapError(
+            f"{name}: expected an input whose last {k} dim(s) are {list(shape)}, got shape {list(x.shape)}."
+        )
+
+
+def _check_param(p: Tensor | None, shape: tuple[int, ...], what: str, name: str) -> None:
+    if p is not None and tuple(p.shape) != shape:
+        raise NormSwapError(f"{name}: {what} must have shape {list(shape)}, got {list(p.shape)}.")
+
+
+def _check_channels_first(x: Tensor, num_channels: int, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != num_channels:
+        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise NormSwapError(f"{name}: expected a channels-first input [N, {num_channels}, *], got {shape}.")
+    if not x.is_floating_point():
+        raise NormSwapError(f"{name}: expected a floating-point input, got dtype {x.dtype}.")
+
+
+def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A parameter as a 1-D tensor of the compute dtype (no copy when it already is one)."""
+    if p is None:
+        return None
+    p = p.reshape(-1)
+    return p if p.dtype == dtype else p.to(dtype)
+
+
+def _apply_rows(fn, x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Run a row kernel over the last ``dims`` dims of ``x``, flattened into one row per leading index.
+
+    The reshapes happen here, outside the kernel, so the kernel's output is not a view made inside an
+    autograd Function: an in-place op after the norm (``ReLU(inplace=True)``) must be allowed on it.
+    """
+    d = math.prod(x.shape[x.dim() - dims :])
+    return fn(x.reshape(-1, d), weight, bias, eps, d).view(x.shape)
+
+
+def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Run a row kernel over dim 1 of an [N, C, *] input.
+
+    The channels are moved last as a view; for a channels_last input that view is already contiguous rows,
+    otherwise the reshape copies once (as timm's ``LayerNorm2d`` does through ``permute``). The result is
+    returned in channels-last memory layout, viewed back as [N, C, *].
+    """
+    moved = x.permute(0, *range(2, x.dim()), 1)
+    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps, x.shape[1]).view(moved.shape)
+    return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+
+
+def _row_norm(
+    fn,
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    name: str,
+    check_size: Callable[[tuple[int, ...], str], None] | None = None,
+) -> Tensor:
+    """The functional form of a row norm: check the arguments (errors name ``name``), then run ``fn``."""
+    shape = _check_shape(normalized_shape)
+    if check_size is not None:
+        check_size(shape, name)
+    _check_input(x, shape, name)
+    _check_param(weight, shape, "weight", name)
+    _check_param(bias, shape, "bias", name)
+    return _apply_rows(fn, x, len(shape), weight, bias, _check_eps(eps))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer bases.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RowNorm(nn.Module):
+    """Base of the layers that normalize the trailing ``normalized_shape`` dims with one row kernel.
+
+    Parameters are ``weight`` (ones) and, when ``bias=True``, ``bias`` (zeros); both are absent when
+    ``elementwise_affine=False``. A subclass sets:
+
+    * ``_kernel``: its row kernel (see the module docstring);
+    * ``_default_bias``: what ``bias=None`` (the constructor's default) means for this layer;
+    * ``_check_size`` (optional): an extra check of the normalized shape, raising :class:`OptionError`.
+    """
+
+    _kernel: ClassVar[type[torch.autograd.Function]]
+    _default_bias: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-6,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        bias = self._default_bias if bias is None else bias
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape: tuple[int, ...] = _check_shape(normalized_shape)
+        self._check_size(self.normalized_shape, type(self).__name__)
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @staticmethod
+    def _check_size(shape: tuple[int, ...], name: str) -> None:
+        """Extra check of the normalized shape a subclass may need; none here."""
+
+    def reset_parameters(self) -> None:
+        """Set ``weight`` to ones and ``bias`` to zeros, so a fresh layer only normalizes."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.normalized_shape, type(self).__name__)
+        return _apply_rows(self._kernel.apply, x, len(self.normalized_shape), self.weight, self.bias, self.eps)
+
+    def _describe(self, size: object) -> str:
+        return f"{size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+
+    def extra_repr(self) -> str:
+        return self._describe(self.normalized_shape)
+
+
+class ChannelsFirstRowNorm(RowNorm):
+    """Base of the channels-first variants: normalizes dim 1 of an [N, C, *] input, e.g. conv feature maps.
+
+    Put it first among the bases, before the row layer it varies (``class XNorm2d(ChannelsFirstRowNorm,
+    XNorm)``), which gives the kernel, the default ``bias`` and the checks. ``normalized_shape`` is
+    ``(num_channels,)``; the output uses channels-last memory layout (free for channels_last inputs).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        num_channels = _check_channels(num_channels)
+        super().__init__(
+            num_channels, eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
+        self.num_channels = num_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels_first(x, self.num_channels, type(self).__name__)
+        return _apply_channels_first(self._kernel.apply, x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return self._describe(self.num_channels)
