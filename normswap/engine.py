@@ -111,7 +111,7 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
             plan.changes.append(Change(item.paths[0], "skip", old, reason=item.reason or "not readable",
                                        also_at=tuple(item.paths[1:])))
             continue
-        reason = item.info and spec.skip_reason(item.info, options)
+        reason = spec.skip_reason(item.info, options)
         if reason:
             plan.changes.append(Change(item.paths[0], "skip", old, reason=reason, also_at=tuple(item.paths[1:])))
             continue
@@ -240,7 +240,10 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
             if info is None:
                 raise ConversionError(f"{change.path}: {reason}")
             new = spec.builder(info, **options)
-            finish_replacement(new, info, source)
+            carried, notes = finish_replacement(new, info, source)
+            # the plan returned by last_plan() says what was actually carried, not what was expected
+            change.carried = tuple(carried)
+            change.warnings = tuple(dict.fromkeys((*change.warnings, *notes)))
             for path in (change.path, *change.also_at):
                 set_module(target, path, new)
             for conv_path in change.convs_standardized:
