@@ -36,7 +36,8 @@ from torch import Tensor
 
 from normswap.errors import OptionError
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowNorm, _compute_dtype, _flat, _layer_norm_backward, _no_autocast, _row_norm,
+    ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
+    _row_norm,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
@@ -85,9 +86,7 @@ class _BertLayerNormRows(torch.autograd.Function):
         cdt = rstd.dtype
         d = x.shape[1]
         with _no_autocast(gy.device.type):
-            g = gy.reshape(-1, d)
-            if g.dtype != cdt:
-                g = g.to(cdt)
+            g = _as_rows(gy, d, cdt)
             xc = x if x.dtype == cdt else x.to(cdt)
             w = _flat(weight, cdt) if weight is not None else g.new_ones(d)
             if need_x:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowNorm, _compute_dtype, _flat, _layer_norm_backward, _no_autocast, _row_norm,
+    ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
+    _row_norm,
 )
 
 __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
@@ -78,9 +79,7 @@ class _RMSNormRows(torch.autograd.Function):
         cdt = rstd.dtype
         d = x.shape[1]
         with _no_autocast(gy.device.type):
-            g = gy.reshape(-1, d)
-            if g.dtype != cdt:
-                g = g.to(cdt)
+            g = _as_rows(gy, d, cdt)
             if need_x or need_w:
                 xc = x if x.dtype == cdt else x.to(cdt)
                 # The fused kernel is markedly faster with a weight than without one.

@@ -110,6 +110,12 @@ def _check_channels_first(x: Tensor, num_channels: int, name: str) -> None:
         raise NormSwapError(f"{name}: expected a floating-point input, got dtype {x.dtype}.")
 
 
+def _as_rows(t: Tensor, d: int, dtype: torch.dtype) -> Tensor:
+    """``t`` as ``[rows, d]`` in the compute dtype (no copy when it already is)."""
+    t = t.reshape(-1, d)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A parameter as a 1-D tensor of the compute dtype (no copy when it already is one)."""
     if p is None:
