@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import NormInfo, read_norm
 from .errors import ConversionError, NormSwapError, OptionError
-from .graph import Relations, find_relations
+from .graph import find_relations
 from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan
 from .specs import Spec, get_spec
@@ -91,13 +91,12 @@ def _describe(spec: Spec, item: _Norm, options: dict[str, Any]) -> tuple[str, li
 
 
 def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tuple[str, ...],
-             exclude: tuple[str, ...]) -> tuple[Plan, list[_Norm], Relations]:
+             exclude: tuple[str, ...]) -> Plan:
     norms = _collect_norms(model)
     convs = {p: m for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.modules.conv._ConvNd)}
     rel = find_relations(model, {p: n.module for n in norms for p in n.paths}, convs)
     ws = spec.ws_config(options)
     plan = Plan(spec=spec.name, options={**options, "include": list(include), "exclude": list(exclude)})
-    to_replace: list[_Norm] = []
     standardized: set[int] = set()
     matched_include = False
     for item in norms:
@@ -132,7 +131,6 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
         plan.changes.append(Change(item.paths[0], "replace", old, new_type, carried=_carried_names(item.info),
                                    convs_standardized=tuple(conv_paths), warnings=tuple(notes),
                                    also_at=tuple(item.paths[1:])))
-        to_replace.append(item)
     if ws is not None and ws.convs == "all":
         for path, conv in convs.items():
             if id(conv) in standardized or not _selected([path], include, exclude) or ws_skip_reason(conv):
@@ -156,16 +154,20 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
         message = f"include={list(include)} matched no norm module"
         plan.warnings.append(message)
         warnings.warn(f"normswap: {message}", UserWarning, stacklevel=4)
+    # modules under which nothing traced at all, outermost only
     covered = [r.path for r in rel.trace.regions]
-    opaque = [(p, e) for p, e in rel.trace.untraced
-              if not any(c == p or c.startswith(p + ".") or not p for c in covered)]
-    # name only the outermost opaque modules
-    opaque = [(p, e) for p, e in opaque if not any(q != p and p.startswith(q + ".") for q, _ in opaque)]
+    opaque = [(p, e) for p, e in rel.trace.untraced if not any(_within(c, p) for c in covered)]
+    opaque = [(p, e) for p, e in opaque if not any(q != p and _within(p, q) for q, _ in opaque)]
     if opaque:
         first = ", ".join(f"{p or '<root>'} ({e})" for p, e in opaque[:3])
         plan.warnings.append(f"{len(opaque)} module(s) do not trace with torch.fx, so functional norm calls "
                              f"inside them are not seen: {first}")
-    return plan, to_replace, rel
+    return plan
+
+
+def _within(path: str, ancestor: str) -> bool:
+    """Whether module ``path`` is ``ancestor`` or below it (the root, ``""``, holds everything)."""
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
 
 
 def _carried_names(info: NormInfo) -> tuple[str, ...]:
@@ -190,7 +192,7 @@ def plan(model: nn.Module, spec: str | Spec, **options: Any) -> Plan:
         [('1', 'GroupNorm', ('0',))]
     """
     spec_obj, include, exclude, opts = _prepare(model, spec, options)
-    return _analyze(model, spec_obj, opts, include, exclude)[0]
+    return _analyze(model, spec_obj, opts, include, exclude)
 
 
 def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **options: Any) -> nn.Module:
@@ -207,7 +209,7 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
         ('StdConv2d', 16)
     """
     spec_obj, include, exclude, opts = _prepare(model, spec, options)
-    plan_, _, _ = _analyze(model, spec_obj, opts, include, exclude)
+    plan_ = _analyze(model, spec_obj, opts, include, exclude)
     target = model if inplace else copy.deepcopy(model)
     if len(plan_) == 0:
         warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in "
