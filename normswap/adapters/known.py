@@ -153,9 +153,11 @@ def read_rms_norm_2d(m: nn.Module) -> NormInfo:
 
 
 @lru_cache(maxsize=None)
-def _forward_source(cls: type) -> str:
+def _class_source(cls: type) -> str:
+    """The source of the class that defines ``forward`` (helpers such as Gemma's ``_norm`` included)."""
+    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), cls)
     try:
-        return inspect.getsource(cls.forward)
+        return inspect.getsource(owner)
     except (OSError, TypeError):
         return ""
 
@@ -179,7 +181,7 @@ def _is_hf_rms(m: nn.Module) -> bool:
     weight = getattr(m, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or _hf_eps(m) is None:
         return False
-    src = _forward_source(cls)
+    src = _class_source(cls)
     return "sqrt" in src and ("pow(2)" in src or "**2" in src or "square" in src)
 
 
@@ -187,7 +189,7 @@ def _is_hf_rms(m: nn.Module) -> bool:
 def read_hf_rms_norm(m: nn.Module) -> NormInfo:
     if getattr(m, "bias", None) is not None:
         raise Unsupported(f"{type(m).__name__} has a bias normswap does not know how it is applied")
-    offset = 1.0 if _UNIT_OFFSET.search(_forward_source(type(m))) else 0.0
+    offset = 1.0 if _UNIT_OFFSET.search(_class_source(type(m))) else 0.0
     return _read_rms(m, channels_first=False, eps=_hf_eps(m), weight_offset=offset)
 
 
