@@ -1,7 +1,7 @@
 """Graph analysis with torch.fx: relations the module tree does not show."""
 
-from .relations import FUNCTIONAL_NORMS, FunctionalCall, Relations, find_relations, module_paths
+from .relations import FUNCTIONAL_NORMS, FunctionalCall, Relations, find_relations
 from .tracing import Region, TraceResult, trace_regions
 
 __all__ = ["FUNCTIONAL_NORMS", "FunctionalCall", "Region", "Relations", "TraceResult", "find_relations",
-           "module_paths", "trace_regions"]
+           "trace_regions"]

@@ -126,12 +126,3 @@ def _module_order_fallback(model: nn.Module, norms: dict[str, nn.Module], unseen
                     rel.feeds.setdefault(path, []).append(conv_path)
                     rel.by_module_order.add(path)
             previous = (path, child) if isinstance(child, nn.modules.conv._ConvNd) else None
-
-
-def module_paths(model: nn.Module) -> dict[int, list[str]]:
-    """Every path each module is reachable at (a shared module has several)."""
-    paths: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        if path:
-            paths.setdefault(id(module), []).append(path)
-    return paths

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import NormInfo
+from ..errors import OptionError
 from ..norms.channel_layer_norm import ChannelLayerNorm
 from .base import WSConfig, register_spec
 from .groups import choose_groups
@@ -141,8 +142,6 @@ def ghost_bn(info: NormInfo, *, virtual_batch: int = 32) -> nn.Module:
     from ..norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
     if virtual_batch < 1:
-        from ..errors import OptionError
-
         raise OptionError(f"option 'virtual_batch' must be >= 1, got {virtual_batch}")
     cls = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}[info.spatial_dims]
     return cls(info.num_features, eps=info.eps, momentum=info.momentum, affine=info.weight is not None,
