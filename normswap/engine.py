@@ -265,6 +265,5 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
 
 
 def _standardize(target: nn.Module, path: str, ws) -> None:
-    conv = target.get_submodule(path)
-    if ws_skip_reason(conv) is None:
-        standardize_conv(conv, ws.eps, ws.mode)
+    # the plan lists each conv once and only when ws_skip_reason allowed it; standardize_conv checks again
+    standardize_conv(target.get_submodule(path), ws.eps, ws.mode)

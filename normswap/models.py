@@ -31,10 +31,8 @@ def build_model(spec: str) -> nn.Module:
         except ImportError as exc:
             raise NormSwapError("transformers is not installed: pip install 'normswap[hf]'") from exc
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        for auto in (transformers.AutoModel,):
-            try:
-                return auto.from_config(config)
-            except ValueError:
-                continue
-        raise NormSwapError(f"{path}: no transformers model class for model_type {config.model_type!r}")
+        try:
+            return transformers.AutoModel.from_config(config)
+        except ValueError as exc:
+            raise NormSwapError(f"{path}: no transformers model class for model_type {config.model_type!r}") from exc
     raise OptionError(f"model {spec!r}: expected 'timm:NAME' or a folder holding config.json")

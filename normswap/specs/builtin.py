@@ -18,32 +18,32 @@ from .groups import choose_groups
 BN_STATS_DROPPED = "running_mean, running_var, num_batches_tracked are removed; weight and bias keep their keys"
 
 
+def _eps(call_eps: float | None, spec_options: dict[str, Any]) -> float | None:
+    """The ``eps=`` option when given, else the eps the functional call passed."""
+    return call_eps if spec_options.get("eps") is None else spec_options["eps"]
+
+
 def _gn_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, *, spec_options):
     """A functional ``F.batch_norm`` call rewritten to GroupNorm, the group count chosen from x's channels."""
     groups, _ = choose_groups(x.shape[1], spec_options.get("groups"), spec_options.get("group_size"))
-    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
-    return F.group_norm(x, groups, weight, bias, eps)
+    return F.group_norm(x, groups, weight, bias, _eps(eps, spec_options))
 
 
 def _in_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, *, spec_options):
-    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
-    return F.group_norm(x, x.shape[1], weight, bias, eps)
+    return F.group_norm(x, x.shape[1], weight, bias, _eps(eps, spec_options))
 
 
 def _ln_from_bn_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                            momentum=0.1, eps=1e-5, *, spec_options):
-    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
-    y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps)
+    y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, _eps(eps, spec_options))
     return y.movedim(-1, 1)
 
 
 def _ln_from_rms_functional(x, normalized_shape, weight=None, eps=None, *, spec_options):
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    eps = eps if spec_options.get("eps") is None else spec_options["eps"]
-    return F.layer_norm(x, normalized_shape, weight, None, eps)
+    eps = _eps(eps, spec_options)
+    return F.layer_norm(x, normalized_shape, weight, None, torch.finfo(x.dtype).eps if eps is None else eps)
 
 
 def _group_norm(info: NormInfo, groups: int | None, group_size: int | None, eps: float | None) -> nn.Module:
@@ -151,8 +151,7 @@ def ghost_bn(info: NormInfo, *, virtual_batch: int = 32) -> nn.Module:
 def _rms_functional(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, spec_options):
     from ..norms.rms_norm import rms_norm
 
-    eps = eps if spec_options["eps"] is None else spec_options["eps"]
-    return rms_norm(x, normalized_shape, weight, bias if spec_options["bias"] else None, eps)
+    return rms_norm(x, normalized_shape, weight, bias if spec_options["bias"] else None, _eps(eps, spec_options))
 
 
 @register_spec(
