@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from normswap.norms import native  # noqa: E402
 from normswap.norms.bert_layer_norm import BertLayerNorm  # noqa: E402
 from normswap.norms.ghost_batch_norm import GhostBatchNorm2d  # noqa: E402
 from normswap.norms.rms_norm import RMSNorm  # noqa: E402
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, "
         f"median of {args.repeat} interleaved repeats"
     )
+    print(f"normswap fused CPU kernels: {native.status()}")
     print("ratio = normswap time / baseline time (fwd | fwd+bwd); < 1 means normswap is faster\n")
     header = f"{'layer':<24} {'shape':<20} {'ours fwd ms':>11} {'ours f+b ms':>11}  ratios vs baselines"
     print(header)

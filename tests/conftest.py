@@ -33,6 +33,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["native", "torch-ops"])
+def native_path(request, monkeypatch):
+    """Run a norm-layer test on each implementation: the fused CPU kernels, then the torch-ops path.
+
+    Use it for a whole test file with ``pytestmark = pytest.mark.usefixtures("native_path")``.
+    """
+    from normswap.norms import native
+
+    if request.param == "native":
+        if not native.available():
+            pytest.skip(f"fused CPU kernels {native.status()}")
+    else:
+        monkeypatch.setattr(native, "usable", lambda x: False)
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers shared by the tests of the norm layers (tests/test_norms_*.py); import them from conftest.
 # ----------------------------------------------------------------------------------------------------------

@@ -166,8 +166,10 @@ def test_include_exclude():
     model = Block()
     out = normswap.convert(model, "gn", exclude="bn2")
     assert isinstance(out.bn, nn.GroupNorm) and isinstance(out.bn2, nn.BatchNorm2d)
-    with pytest.warns(UserWarning, match="matched no norm"):
-        normswap.convert(model, "gn", include=["nothing.*"])
+    with pytest.warns(UserWarning, match="matched no norm"), \
+            pytest.warns(normswap.NothingToConvertWarning, match="nothing to convert"):
+        unchanged = normswap.convert(model, "gn", include=["nothing.*"])
+    assert isinstance(unchanged.bn, nn.BatchNorm2d) and isinstance(unchanged.bn2, nn.BatchNorm2d)
 
 
 def test_errors():

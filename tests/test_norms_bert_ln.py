@@ -12,7 +12,7 @@ from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check
                       check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, grads,
                       randomize)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "native_path")
 
 
 def reference(x, normalized_shape, weight=None, bias=None, eps=1e-6):

@@ -13,7 +13,7 @@ from normswap.norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, 
 
 from conftest import randomize
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "native_path")
 
 
 def per_chunk_reference(x, sizes, weight, bias, eps):

@@ -12,7 +12,7 @@ from normswap.norms.rms_norm import RMSNorm, RMSNorm2d, rms_norm
 from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
                       check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, randomize)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "native_path")
 
 
 def reference(x, normalized_shape, weight=None, bias=None, eps=1e-6):

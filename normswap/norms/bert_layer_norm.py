@@ -6,8 +6,10 @@ added to the standard deviation instead of the variance:
     y = weight * (x - mean) / (x.std(-1, unbiased=True) + eps) + bias
 
 Implementation notes (measured on a 2-core CPU, fp32): the python-ops formula above runs as ~8 autograd ops,
-each allocating a full-size tensor. Here the layer is one :class:`torch.autograd.Function` built on torch's
-fused layer-norm kernels:
+each allocating a full-size tensor. Here the layer is one :class:`torch.autograd.Function`. On CPU in float32
+(and half inputs, computed in float32) it runs the fused kernels of :mod:`normswap.norms.native`: one pass
+over memory forward, one backward. Elsewhere (CUDA, float64, or no C compiler) it is built on torch's fused
+layer-norm kernels:
 
 * Forward: the fused LayerNorm forward (with a negligible variance epsilon) returns the row mean, the exact
   biased variance (through its ``rstd``) and ``(x - mean) * rstd * weight`` in one pass; rescaling each row
@@ -35,14 +37,60 @@ import torch
 from torch import Tensor
 
 from normswap.errors import OptionError
+from normswap.norms import native
 from normswap.norms.row_norm import (
     ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
-    _row_norm,
+    _restore, _row_norm,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
 
 _TINY_VAR_EPS = {dt: float(torch.finfo(dt).tiny) ** 0.75 for dt in (torch.float32, torch.float64)}
+
+
+def _forward_torch(
+    xc: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BERT LayerNorm of the rows of ``xc`` with torch's fused LayerNorm: ``(y, mean, rstd, rstd_b)``."""
+    cdt = xc.dtype
+    # A variance epsilon for the fused kernel that only keeps its rstd finite on constant rows: far below
+    # any variance that matters, yet 1/sqrt of it times a row value stays finite (float32 and float64).
+    var_eps = _TINY_VAR_EPS.get(cdt, 1e-30)
+    # The fused kernel is markedly faster with a weight than without one.
+    w = _flat(weight, cdt) if weight is not None else xc.new_ones(d)
+    y, mean, rstd_b = torch.native_layer_norm(xc, (d,), w, None, var_eps)
+    # rstd_b = 1 / sqrt(var_biased + var_eps); var_eps is negligible next to eps, so the unbiased std
+    # is sqrt(d / (d - 1)) / rstd_b (it stays > 0, which keeps the backward free of 0 / 0).
+    std = rstd_b.reciprocal().mul_(math.sqrt(d / (d - 1)))
+    rstd = torch.add(std, eps).reciprocal_()
+    scale = rstd / rstd_b
+    if bias is None:
+        y.mul_(scale)
+    else:  # y * scale + bias in one pass
+        torch.addcmul(_flat(bias, cdt), y, scale, out=y)
+    return y, mean, rstd, rstd_b
+
+
+def _backward_torch(
+    g: Tensor, xc: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, rstd_b: Tensor, eps: float,
+    need: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`_forward_torch` in the compute dtype, through torch's fused LayerNorm backward."""
+    need_x, need_w, need_b = need
+    gx = gw = gb = None
+    d = xc.shape[1]
+    w = _flat(weight, xc.dtype) if weight is not None else g.new_ones(d)
+    if need_x:
+        # alpha**2 = d (std + eps) / ((d - 1) std), with 1 / std = rstd_b / sqrt(d / (d - 1)).
+        c = d / (d - 1)
+        alpha = torch.mul(rstd_b, c * eps / math.sqrt(c)).add_(c).sqrt_()
+        u = torch.sub(xc, mean).mul_(alpha)
+        gx = _layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
+        del u
+    if need_w or need_b:
+        b = g.new_zeros(d) if need_b else None
+        _, gw, gb = _layer_norm_backward(g, xc, (d,), mean, rstd, w, b, [False, need_w, need_b])
+    return gx, gw, gb
 
 
 class _BertLayerNormRows(torch.autograd.Function):
@@ -51,27 +99,17 @@ class _BertLayerNormRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
         cdt = _compute_dtype(x.dtype)
-        # A variance epsilon for the fused kernel that only keeps its rstd finite on constant rows: far below
-        # any variance that matters, yet 1/sqrt of it times a row value stays finite (float32 and float64).
-        var_eps = _TINY_VAR_EPS.get(cdt, 1e-30)
         with _no_autocast(x.device.type):
             x2 = x.reshape(-1, d)
             xc = x2 if x2.dtype == cdt else x2.to(cdt)
-            # The fused kernel is markedly faster with a weight than without one.
-            w = _flat(weight, cdt) if weight is not None else xc.new_ones(d)
-            y, mean, rstd_b = torch.native_layer_norm(xc, (d,), w, None, var_eps)
-            # rstd_b = 1 / sqrt(var_biased + var_eps); var_eps is negligible next to eps, so the unbiased std
-            # is sqrt(d / (d - 1)) / rstd_b (it stays > 0, which keeps the backward free of 0 / 0).
-            std = rstd_b.reciprocal().mul_(math.sqrt(d / (d - 1)))
-            rstd = torch.add(std, eps).reciprocal_()
-            scale = rstd / rstd_b
-            if bias is None:
-                y.mul_(scale)
-            else:  # y * scale + bias in one pass
-                torch.addcmul(_flat(bias, cdt), y, scale, out=y)
+            ctx.native = native.usable(xc)
+            if ctx.native:
+                y, stats = native.bert_forward(xc, weight, bias, eps)
+            else:
+                y, *stats = _forward_torch(xc, weight, bias, eps, d)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
-        ctx.save_for_backward(x2, weight, mean, rstd, rstd_b)
+        ctx.save_for_backward(x2, weight, *([stats] if ctx.native else stats))
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.shapes = (x.shape, None if bias is None else bias.shape)
@@ -79,31 +117,20 @@ class _BertLayerNormRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, weight, mean, rstd, rstd_b = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, *stats = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
         x_shape, b_shape = ctx.shapes
-        gx = gw = gb = None
-        cdt = rstd.dtype
-        d = x.shape[1]
+        cdt = stats[0].dtype
         with _no_autocast(gy.device.type):
-            g = _as_rows(gy, d, cdt)
+            g = _as_rows(gy, x.shape[1], cdt)
             xc = x if x.dtype == cdt else x.to(cdt)
-            w = _flat(weight, cdt) if weight is not None else g.new_ones(d)
-            if need_x:
-                # alpha**2 = d (std + eps) / ((d - 1) std), with 1 / std = rstd_b / sqrt(d / (d - 1)).
-                c = d / (d - 1)
-                alpha = torch.mul(rstd_b, c * ctx.eps / math.sqrt(c)).add_(c).sqrt_()
-                u = torch.sub(xc, mean).mul_(alpha)
-                gx = _layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
-                del u
-                gx = gx.to(x.dtype).view(x_shape)
-            if need_w or need_b:
-                b = g.new_zeros(d) if need_b else None
-                _, gw, gb = _layer_norm_backward(g, xc, (d,), mean, rstd, w, b, [False, need_w, need_b])
-                if need_w:
-                    gw = gw.to(weight.dtype).view(weight.shape)
-                if need_b:
-                    gb = gb.to(ctx.bias_dtype).view(b_shape)
+            if ctx.native:
+                gx, gw, gb = native.bert_backward(g, xc, stats[0], weight, need)
+            else:
+                gx, gw, gb = _backward_torch(g, xc, weight, *stats, ctx.eps, need)
+        gx = _restore(gx, x.dtype, x_shape)
+        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
+        gb = _restore(gb, ctx.bias_dtype, b_shape)
         return gx, gw, gb, None, None
 
 

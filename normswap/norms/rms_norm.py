@@ -8,12 +8,14 @@ Implementation notes (measured on a 2-core CPU, fp32):
 
 * ``torch.nn.functional.rms_norm`` runs as a chain of small autograd ops and its fwd+bwd is ~4x slower than
   ``nn.LayerNorm``; here the layer is one :class:`torch.autograd.Function`.
-* Every fresh full-size tensor costs page faults and cache misses, so the forward allocates only the output
-  and saves the *input* (which the caller keeps alive anyway) plus one scalar per row.
-* The backward reuses torch's fused layer-norm backward kernel: with ``mean = 0`` and our ``rstd`` that kernel
-  sees exactly the RMS-normalized input, and returns the RMSNorm weight gradient as is. Its input gradient
-  has one extra term, ``-rstd * mean(dy * weight)`` per row (the derivative of the mean LayerNorm subtracts);
-  adding it back costs one matrix-vector product and one in-place row update.
+* On CPU in float32 (and half inputs, computed in float32) it runs the fused kernels of
+  :mod:`normswap.norms.native`: one pass over memory forward, one backward.
+* Elsewhere (CUDA, float64, or no C compiler) it runs torch ops. The forward allocates only the output and
+  saves the *input* (alive anyway) plus one scalar per row. The backward reuses torch's fused layer-norm
+  backward kernel: with ``mean = 0`` and our ``rstd`` that kernel sees exactly the RMS-normalized input, and
+  returns the RMSNorm weight gradient as is. Its input gradient has one extra term, ``-rstd * mean(dy *
+  weight)`` per row (the derivative of the mean LayerNorm subtracts); adding it back costs one
+  matrix-vector product and one in-place row update.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from normswap.norms import native
 from normswap.norms.row_norm import (
     ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
-    _row_norm,
+    _restore, _row_norm,
 )
 
 __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
@@ -34,6 +37,48 @@ __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
 # ----------------------------------------------------------------------------------------------------------
 # Kernel.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _forward_torch(
+    xc: Tensor, x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm of the rows of ``xc`` (``x2`` in the compute dtype) with torch ops: ``(y, rstd)``."""
+    cdt = xc.dtype
+    w = _flat(weight, cdt)
+    # One fused read of x for the row statistics; the square of the norm is the sum of squares.
+    rstd = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
+    rstd = rstd.square_().mul_(1.0 / d).add_(eps).rsqrt_()
+    # One fresh tensor for the output, then in-place passes over it while it is still in cache.
+    b = _flat(bias, cdt)
+    fresh = xc is not x2  # an upcast copy of a half input can be overwritten
+    if w is None:
+        y = xc.mul_(rstd) if fresh else xc * rstd
+        if b is not None:
+            y.add_(b)
+    else:
+        y = xc.mul_(w) if fresh else xc * w
+        if b is None:
+            y.mul_(rstd)
+        else:  # y * rstd + bias in one pass
+            torch.addcmul(b, y, rstd, out=y)
+    return y, rstd
+
+
+def _backward_torch(
+    g: Tensor, xc: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`_forward_torch` in the compute dtype, through torch's fused LayerNorm backward."""
+    gx = gw = None
+    d = xc.shape[1]
+    if need_x or need_w:
+        # The fused kernel is markedly faster with a weight than without one.
+        w = _flat(weight, xc.dtype) if weight is not None else g.new_ones(d)
+        gx, gw, _ = _layer_norm_backward(g, xc, (d,), torch.zeros_like(rstd), rstd, w, None, [need_x, need_w, False])
+        if need_x:
+            # Undo the kernel's mean-subtraction term: + rstd * mean(dy * w) per row.
+            row = torch.mv(g, w) if weight is not None else g.sum(1)
+            gx.add_(row.unsqueeze(1).mul_(rstd).mul_(1.0 / d))
+    return gx, gw, g.sum(0) if need_b else None
 
 
 class _RMSNormRows(torch.autograd.Function):
@@ -45,23 +90,10 @@ class _RMSNormRows(torch.autograd.Function):
         with _no_autocast(x.device.type):
             x2 = x.reshape(-1, d)
             xc = x2 if x2.dtype == cdt else x2.to(cdt)
-            w = _flat(weight, cdt)
-            # One fused read of x for the row statistics; the square of the norm is the sum of squares.
-            rstd = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
-            rstd = rstd.square_().mul_(1.0 / d).add_(eps).rsqrt_()
-            # One fresh tensor for the output, then in-place passes over it while it is still in cache.
-            b = _flat(bias, cdt)
-            fresh = xc is not x2  # an upcast copy of a half input can be overwritten
-            if w is None:
-                y = xc.mul_(rstd) if fresh else xc * rstd
-                if b is not None:
-                    y.add_(b)
+            if native.usable(xc):
+                y, rstd = native.rms_forward(xc, weight, bias, eps)
             else:
-                y = xc.mul_(w) if fresh else xc * w
-                if b is None:
-                    y.mul_(rstd)
-                else:  # y * rstd + bias in one pass
-                    torch.addcmul(b, y, rstd, out=y)
+                y, rstd = _forward_torch(xc, x2, weight, bias, eps, d)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         # The input, not the normalized input, is saved: it is alive anyway, so this costs no memory.
@@ -75,27 +107,18 @@ class _RMSNormRows(torch.autograd.Function):
         x, rstd, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_shape, b_shape = ctx.shapes
-        gx = gw = gb = None
         cdt = rstd.dtype
         d = x.shape[1]
         with _no_autocast(gy.device.type):
             g = _as_rows(gy, d, cdt)
-            if need_x or need_w:
-                xc = x if x.dtype == cdt else x.to(cdt)
-                # The fused kernel is markedly faster with a weight than without one.
-                w = _flat(weight, cdt) if weight is not None else g.new_ones(d)
-                gx, gw, _ = _layer_norm_backward(
-                    g, xc, (d,), torch.zeros_like(rstd), rstd, w, None, [need_x, need_w, False]
-                )
-                if need_x:
-                    # Undo the kernel's mean-subtraction term: + rstd * mean(dy * w) per row.
-                    row = torch.mv(g, w) if weight is not None else g.sum(1)
-                    gx.add_(row.unsqueeze(1).mul_(rstd).mul_(1.0 / d))
-                    gx = gx.to(x.dtype).view(x_shape)
-                if need_w:
-                    gw = gw.to(weight.dtype).view(weight.shape)
-            if need_b:
-                gb = g.sum(0).to(ctx.bias_dtype).view(b_shape)
+            xc = x if x.dtype == cdt else x.to(cdt)
+            if native.usable(xc):
+                gx, gw, gb = native.rms_backward(g, xc, rstd, weight, (need_x, need_w, need_b))
+            else:
+                gx, gw, gb = _backward_torch(g, xc, rstd, weight, need_x, need_w, need_b)
+        gx = _restore(gx, x.dtype, x_shape)
+        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
+        gb = _restore(gb, ctx.bias_dtype, b_shape)
         return gx, gw, gb, None, None
 
 

@@ -116,6 +116,15 @@ def _as_rows(t: Tensor, d: int, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _restore(t: Tensor | None, dtype: torch.dtype | None, shape: torch.Size | None) -> Tensor | None:
+    """A gradient back in its input's dtype and shape (no op when it already is: the common case)."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.shape == shape else t.view(shape)
+
+
 def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A parameter as a 1-D tensor of the compute dtype (no copy when it already is one)."""
     if p is None:

@@ -1,0 +1,125 @@
+"""The fused CPU kernels of the row norms (normswap.norms.native): threads, build cache, fallback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normswap.norms import native
+from normswap.norms.bert_layer_norm import BertLayerNorm
+from normswap.norms.rms_norm import RMSNorm
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"fused CPU kernels {native.status()}")
+
+
+def _grads(layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, threads: int | None = None) -> list[torch.Tensor]:
+    """Output and gradients (input, then parameters), run with ``threads`` intra-op threads."""
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)  # more threads than cores is fine: the split is what is tested
+        x = x.clone().requires_grad_()
+        y = layer(x)
+        return [y.detach(), *torch.autograd.grad(y, (x, *layer.parameters()), gy)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torch_ops_reference(layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, monkeypatch) -> list[torch.Tensor]:
+    """The same in float64 on the torch-ops path (itself checked against autograd of the formula elsewhere)."""
+    monkeypatch.setattr(native, "usable", lambda x: False)
+    return _grads(copy.deepcopy(layer).double(), x.double(), gy.double())
+
+
+@needs_native
+@pytest.mark.parametrize("make", [lambda d: RMSNorm(d, bias=True), lambda d: BertLayerNorm(d)])
+def test_several_threads_match_the_torch_ops_path(make, monkeypatch):
+    """Rows split over threads, per-thread weight/bias gradient sums: same numbers as the torch-ops path."""
+    torch.manual_seed(0)
+    d = 96
+    layer = make(d)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(1000, d) * 3 + 1
+    gy = torch.randn(1000, d)
+    fused, single = _grads(layer, x, gy, threads=4), _grads(layer, x, gy, threads=1)
+    reference = _torch_ops_reference(layer, x, gy, monkeypatch)
+    for a, b, ref in zip(fused, single, reference):
+        tol = 1e-4 * ref.abs().max().item()
+        torch.testing.assert_close(a.double(), ref, rtol=0, atol=tol)
+        torch.testing.assert_close(b.double(), ref, rtol=0, atol=tol)
+
+
+@needs_native
+def test_empty_input_and_no_parameter_gradients():
+    layer = RMSNorm(8)
+    assert layer(torch.empty(0, 8)).shape == (0, 8)
+    layer.requires_grad_(False)
+    x = torch.randn(5, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).sum(), x)
+    assert torch.isfinite(gx).all()
+
+
+def _run(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+_PROBE = (
+    "import torch; from normswap.norms import native; from normswap.norms.rms_norm import RMSNorm; "
+    "x = torch.randn(3, 8, requires_grad=True); RMSNorm(8)(x).sum().backward(); "
+    "print(native.status()); print(torch.isfinite(x.grad).all().item())"
+)
+
+
+def test_switched_off_by_environment_variable():
+    status, finite = _run(_PROBE, NORMSWAP_NATIVE="0").splitlines()
+    assert status.startswith("off:") and "NORMSWAP_NATIVE=0" in status
+    assert finite == "True"
+
+
+def test_no_compiler_falls_back_to_torch_ops(tmp_path):
+    status, finite = _run(_PROBE, NORMSWAP_CACHE_DIR=str(tmp_path), CC="", PATH="").splitlines()
+    assert status.startswith("unavailable:") and "compiler" in status
+    assert finite == "True"
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+@needs_native
+def test_builds_once_into_the_cache_directory(tmp_path):
+    first, _ = _run(_PROBE, NORMSWAP_CACHE_DIR=str(tmp_path)).splitlines()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].endswith(".so") and str(tmp_path) in first
+    second, _ = _run(_PROBE, NORMSWAP_CACHE_DIR=str(tmp_path)).splitlines()
+    assert second == first and sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+@needs_native
+@pytest.mark.parametrize("shape,affine", [((37, 24, 9, 9), True), ((37, 24, 9, 9), False), ((50, 16), True)])
+def test_ghost_batch_norm_backward_matches_the_torch_ops_path(shape, affine, monkeypatch):
+    """Uneven virtual batches, several threads, with and without affine, spatial and 1-D inputs."""
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    cls = GhostBatchNorm2d if len(shape) == 4 else GhostBatchNorm1d
+    layer = cls(shape[1], affine=affine, virtual_batch_size=8)
+    if affine:
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    x = torch.randn(*shape) * 2 + 0.5
+    gy = torch.randn(*shape)
+    if len(shape) == 4:  # a gradient in another memory layout than the input
+        gy = gy.to(memory_format=torch.channels_last)
+    fused = _grads(layer, x, gy, threads=4)
+    reference = _torch_ops_reference(layer, x, gy, monkeypatch)
+    for a, ref in zip(fused, reference):
+        torch.testing.assert_close(a.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
