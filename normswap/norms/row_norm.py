@@ -139,8 +139,11 @@ def _apply_rows(fn, x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | 
     The reshapes happen here, outside the kernel, so the kernel's output is not a view made inside an
     autograd Function: an in-place op after the norm (``ReLU(inplace=True)``) must be allowed on it.
     """
-    d = math.prod(x.shape[x.dim() - dims :])
-    return fn(x.reshape(-1, d), weight, bias, eps, d).view(x.shape)
+    d = x.shape[-1] if dims == 1 else math.prod(x.shape[x.dim() - dims :])
+    if x.dim() == 2 and dims == 1:
+        return fn(x, weight, bias, eps, d)
+    # view_as: much cheaper than view(torch.Size) per call, which matters for small inputs.
+    return fn(x.reshape(-1, d), weight, bias, eps, d).view_as(x)
 
 
 def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -151,7 +154,7 @@ def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | N
     returned in channels-last memory layout, viewed back as [N, C, *].
     """
     moved = x.permute(0, *range(2, x.dim()), 1)
-    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps, x.shape[1]).view(moved.shape)
+    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps, x.shape[1]).view_as(moved)
     return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
 
 
