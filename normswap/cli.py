@@ -27,7 +27,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         if args.verbose:
             for opt in spec.options.values():
                 print(f"{'':{width}}    --set {opt.name}=<{opt.type_name()}> (default {opt.default!r})")
-            print(f"{'':{width}}    takes: {', '.join(spec.sources)}; preserves computation: {spec.preserves}")
+            takes = ", ".join(spec.sources) + " norms" if spec.sources else "convs and linears"
+            print(f"{'':{width}}    takes: {takes}; preserves computation: {spec.preserves}")
             print(f"{'':{width}}    checkpoint keys: {spec.changed_keys}")
     return 0
 

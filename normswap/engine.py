@@ -7,9 +7,7 @@ calls -> the spec builds each replacement -> the surgery swaps it in place -> th
 from __future__ import annotations
 
 import copy
-import fnmatch
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +19,7 @@ from .errors import ConversionError, NormSwapError, OptionError
 from .graph import find_relations
 from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan
+from .selection import globs, selected, unmatched, weight_layers
 from .specs import Spec, get_spec
 from .surgery import finish_replacement, rewrite_functional, set_module
 
@@ -37,28 +36,11 @@ class _Norm:
     reason: str | None
 
 
-def _globs(name: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise OptionError(f"option {name!r} must be a module-path glob or a list of globs, got {value!r}")
-
-
 def _split_options(options: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
     rest = dict(options)
-    include = _globs("include", rest.pop("include", None))
-    exclude = _globs("exclude", rest.pop("exclude", None))
+    include = globs("include", rest.pop("include", None))
+    exclude = globs("exclude", rest.pop("exclude", None))
     return include, exclude, rest
-
-
-def _selected(paths: list[str], include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    def hit(globs: tuple[str, ...]) -> bool:
-        return any(fnmatch.fnmatchcase(p, g) for p in paths for g in globs)
-
-    return (not include or hit(include)) and not hit(exclude)
 
 
 def _collect_norms(model: nn.Module) -> list[_Norm]:
@@ -97,11 +79,14 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
     rel = find_relations(model, {p: n.module for n in norms for p in n.paths}, convs)
     ws = spec.ws_config(options)
     plan = Plan(spec=spec.name, options={**options, "include": list(include), "exclude": list(exclude)})
+    if spec.weights is not None:
+        _plan_weight_layers(model, spec, include, exclude, plan)
+        return plan
     standardized: set[int] = set()
     matched_include = False
     for item in norms:
         old = _type_name(item.module)
-        if not _selected(item.paths, include, exclude):
+        if not selected(item.paths, include, exclude):
             plan.changes.append(Change(item.paths[0], "skip", old, reason="not selected by include/exclude",
                                        also_at=tuple(item.paths[1:])))
             continue
@@ -133,12 +118,12 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
                                    also_at=tuple(item.paths[1:])))
     if ws is not None and ws.convs == "all":
         for path, conv in convs.items():
-            if id(conv) in standardized or not _selected([path], include, exclude) or ws_skip_reason(conv):
+            if id(conv) in standardized or not selected([path], include, exclude) or ws_skip_reason(conv):
                 continue
             standardized.add(id(conv))
             plan.changes.append(Change(path, "standardize", _type_name(conv), "Std" + _type_name(conv)))
     for call in rel.functional:
-        if not _selected([call.module_path], include, exclude):
+        if not selected([call.module_path], include, exclude):
             continue
         where = call.module_path or "<root>"
         if call.norm not in spec.functional:
@@ -163,6 +148,27 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
         plan.warnings.append(f"{len(opaque)} module(s) do not trace with torch.fx, so functional norm calls "
                              f"inside them are not seen: {first}")
     return plan
+
+
+def _plan_weight_layers(model: nn.Module, spec: Spec, include: tuple[str, ...], exclude: tuple[str, ...],
+                        plan: Plan) -> None:
+    """The rows of a weight spec: one per conv / linear (``reparametrize`` or ``skip``)."""
+    layers = weight_layers(model, parametrized=True)
+    for path, layer in layers.items():
+        where, old = path or "<root>", _type_name(layer)
+        if not selected([path], include, exclude):
+            plan.changes.append(Change(where, "skip", old, reason="not selected by include/exclude"))
+            continue
+        reason = spec.weights.skip_reason(layer)
+        if reason:
+            plan.changes.append(Change(where, "skip", old, reason=reason))
+        else:
+            plan.changes.append(Change(where, "reparametrize", old, f"{spec.weights.label}({old})", carried=("weight",)))
+    for kind, patterns in (("include", include), ("exclude", exclude)):
+        for g in unmatched(patterns, layers):
+            message = f"{kind} glob {g!r} matched no conv or linear layer"
+            plan.warnings.append(message)
+            warnings.warn(f"normswap: {message}", UserWarning, stacklevel=4)
 
 
 def _within(path: str, ancestor: str) -> bool:
@@ -213,7 +219,7 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
     target = model if inplace else copy.deepcopy(model)
     if len(plan_) == 0:
         warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in "
-                      f"{type(model).__name__} ({len(plan_.skipped)} norms skipped); the model is unchanged",
+                      f"{type(model).__name__} ({len(plan_.skipped)} modules skipped); the model is unchanged",
                       NothingToConvertWarning, stacklevel=2)
         target.__dict__["_normswap_plan"] = plan_
         return target
@@ -252,6 +258,8 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
                 _standardize(target, conv_path, ws)
         elif change.action == "standardize":
             _standardize(target, change.path, ws)
+        elif change.action == "reparametrize":
+            spec.builder(target if change.path == "<root>" else target.get_submodule(change.path), **options)
     rewritten: set[str] = set()
     for change in plan_.changes:
         if change.action == "rewrite" and change.path not in rewritten:

@@ -11,7 +11,8 @@ class Change:
 
     ``action`` is ``replace`` (a norm gets a new module), ``standardize`` (a conv gets Weight
     Standardization on its own), ``rewrite`` (a functional norm call inside ``path``'s forward),
-    or ``skip`` (left as it is, with ``reason``).
+    ``reparametrize`` (a weight spec such as ``wn`` changes a conv / linear in place), or ``skip`` (left
+    as it is, with ``reason``).
     """
 
     path: str
@@ -52,8 +53,10 @@ class Plan:
 
     def summary(self) -> str:
         n_rewrite = len([c for c in self.changes if c.action == "rewrite"])
+        n_reparam = len([c for c in self.changes if c.action == "reparametrize"])
+        weights = f"{n_reparam} weights reparametrized, " if n_reparam else ""
         return (f"spec {self.spec}: {len(self.replaced)} norms replaced, {len(self.standardized_convs)} convs "
-                f"standardized, {n_rewrite} functional calls rewritten, {len(self.skipped)} skipped")
+                f"standardized, {n_rewrite} functional calls rewritten, {weights}{len(self.skipped)} skipped")
 
     def __str__(self) -> str:
         header = ("path", "action", "old type", "new type", "carried", "convs standardized", "notes")

@@ -1,7 +1,11 @@
 """Specs: what each conversion builds, by name."""
 
 from . import builtin as _builtin  # noqa: F401  (registers the shipped specs)
-from .base import Spec, WSConfig, get_spec, list_specs, register_spec, unregister_spec
+from . import weight_norm as _weight_norm  # noqa: F401  (registers ``wn``)
+from .base import Spec, WeightTransform, WSConfig, get_spec, list_specs, register_spec, unregister_spec
 from .groups import choose_groups
 
-__all__ = ["Spec", "WSConfig", "choose_groups", "get_spec", "list_specs", "register_spec", "unregister_spec"]
+__all__ = [
+    "Spec", "WSConfig", "WeightTransform", "choose_groups", "get_spec", "list_specs", "register_spec",
+    "unregister_spec",
+]

@@ -5,6 +5,9 @@ computation, which checkpoint keys change, and whether the convs feeding a conve
 Standardization. The builder receives the source's :class:`~normswap.adapters.NormInfo` and the
 validated options (its own keyword-only parameters) and returns the new module; the surgery carries the
 affine parameters over, keeps device, dtype, mode, hooks and fused activation.
+
+A *weight spec* (``weights=WeightTransform(...)``, no norm ``sources``) works on convs and linears instead:
+its function receives each selected layer and changes it in place (e.g. ``wn``, weight normalization).
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ class WSConfig:
     mode: str
 
 
+@dataclass(frozen=True)
+class WeightTransform:
+    """What a weight spec does to conv / linear layers: ``label`` names it in the plan (``label(Conv2d)``),
+    ``skip_reason(layer)`` says why a layer is left alone (``None`` to transform it)."""
+
+    label: str
+    skip_reason: Callable[[nn.Module], str | None]
+
+
 @dataclass
 class Spec:
     """A registered conversion. Build one with :func:`register_spec`."""
@@ -46,6 +58,7 @@ class Spec:
     weight_standardization: Callable[[dict[str, Any]], WSConfig | None] | None = None
     functional: dict[str, Callable[..., Any]] = field(default_factory=dict)
     options: dict[str, Option] = field(default_factory=dict)
+    weights: WeightTransform | None = None
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in (raises :class:`~normswap.errors.OptionError`)."""
@@ -79,6 +92,7 @@ def register_spec(
     accepts: Callable[[NormInfo, dict[str, Any]], str | None] | None = None,
     weight_standardization: Callable[[dict[str, Any]], WSConfig | None] | None = None,
     functional: dict[str, Callable[..., Any]] | None = None,
+    weights: WeightTransform | None = None,
     replace: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register a conversion under ``name``; the decorated function builds one replacement.
@@ -86,6 +100,8 @@ def register_spec(
     The builder is called as ``builder(info, **options)``: ``info`` is the source's ``NormInfo``
     and its keyword-only parameters are the spec's options (typed, validated, shown by ``normswap list``).
     ``sources`` are the norm kinds it takes (``batch``, ``layer``, ``rms``, ``group``, ``instance``).
+    A weight spec passes ``sources=()`` and ``weights=WeightTransform(...)``; its function is called as
+    ``fn(layer, **options)`` on each selected conv / linear and changes it in place.
 
     Example:
         >>> import torch
@@ -97,8 +113,9 @@ def register_spec(
     """
     key = normalize_name(name)
     bad = [s for s in sources if s not in KINDS]
-    if bad or not sources:
-        raise RegistrationError(f"spec {name!r}: sources must be among {KINDS}, got {tuple(sources)}")
+    if bad or (not sources) == (weights is None):
+        raise RegistrationError(f"spec {name!r}: give norm sources among {KINDS} (got {tuple(sources)}), or "
+                                "sources=() with weights=WeightTransform(...) for a spec on convs and linears")
     if key in _SPECS and not replace:
         raise RegistrationError(f"spec {key!r} is already registered; pass replace=True to override it")
 
@@ -108,7 +125,7 @@ def register_spec(
         _SPECS[key] = Spec(
             name=key, builder=builder, sources=tuple(sources), description=description, preserves=preserves,
             changed_keys=changed_keys, accepts=accepts, weight_standardization=weight_standardization,
-            functional=dict(functional or {}), options=options_of(builder),
+            functional=dict(functional or {}), options=options_of(builder), weights=weights,
         )
         return builder
 
