@@ -102,6 +102,7 @@ def test_hf_trainer_callback(tmp_path):
     assert all(h["grad_norm_pre"] > 0 and h["orthogonal_penalty"] > 0 and h["steps_skipped"] == 0 for h in logged)
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
 def test_lightning_callback():
     lightning = pytest.importorskip("lightning")
     from normswap.regularizers.lightning import RegularizerCallback
