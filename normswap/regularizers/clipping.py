@@ -81,29 +81,45 @@ def _unitwise_norm(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _agc_(named: list[tuple[str, Tensor]], clip_factor: float, eps: float) -> None:
-    params = [p for _, p in named]
-    # Vectors (biases, norm gains) are one unit each: their norms come from the foreach kernels, a few
-    # calls for all of them instead of several per tensor.
+def _unit_grad_norms(params: list[Tensor]) -> list[Tensor]:
+    """Each parameter's gradient norm per unit (see :func:`_unitwise_norm`), in the order of ``params``.
+
+    Vectors (biases, norm gains) are one unit each: their norms come from the foreach kernels, a few calls
+    for all of them instead of several per tensor.
+    """
+    norms: dict[int, Tensor] = {}
+    for group in _by_device_dtype([p for p in params if p.dim() <= 1]):
+        norms.update(zip(map(id, group), torch._foreach_norm([p.grad for p in group])))
+    return [norms[id(p)] if p.dim() <= 1 else _unitwise_norm(p.grad) for p in params]
+
+
+@torch.no_grad()
+def _agc_(params: list[Tensor], unit_norms: list[Tensor], clip_factor: float, eps: float) -> None:
+    """Scale each unit's gradient down to ``clip_factor * max(||w_unit||, eps)`` where it is larger."""
+    norm_of = {id(p): n for p, n in zip(params, unit_norms)}
     for group in _by_device_dtype([p for p in params if p.dim() <= 1]):
         grads = [p.grad for p in group]
+        g_norms = torch.stack([norm_of[id(p)] for p in group])
         max_norms = torch.stack(torch._foreach_norm(group)).clamp_(min=eps).mul_(clip_factor)
-        scale = max_norms.div_(torch.stack(torch._foreach_norm(grads)).clamp_(min=1e-6)).clamp_(max=1.0)
+        scale = max_norms.div_(g_norms.clamp(min=1e-6)).clamp_(max=1.0)
         torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
-    for p in params:
+    for p, g_norm in zip(params, unit_norms):
         if p.dim() > 1:
             max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clip_factor)
-            scale = max_norm.div_(_unitwise_norm(p.grad).clamp_(min=1e-6)).clamp_(max=1.0)
+            scale = max_norm.div_(g_norm.clamp(min=1e-6)).clamp_(max=1.0)
             p.grad.mul_(scale.to(p.grad.dtype))
 
 
-def _measure(named: list[tuple[str, Tensor]], norm_type: float, skip_nonfinite: bool) -> Tensor:
-    """Total gradient norm; on NaN/inf, warn with the parameters' names and drop the gradients if asked."""
+def _measure(named: list[tuple[str, Tensor]], norm_type: float, skip_nonfinite: bool,
+             total: Tensor | None = None) -> Tensor:
+    """Total gradient norm (``total`` when the caller has it already); on NaN/inf, warn with the parameters'
+    names and drop the gradients if asked."""
     if norm_type != math.inf:
         norm_type = _positive("norm_type", norm_type)
     if not named:
         return torch.zeros(())
-    total = _total_norm([p.grad for _, p in named], norm_type)
+    if total is None:
+        total = _total_norm([p.grad for _, p in named], norm_type)
     if not torch.isfinite(total):
         bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
         action = "gradients set to None, the step will change nothing" if skip_nonfinite else "nothing clipped"
@@ -171,6 +187,8 @@ def clip_gradients(
     else:
         clip_factor, eps = _positive("clip_factor", clip_factor), _positive("eps", eps)
     named = _named_grads(model_or_params)
+    if mode == "agc":
+        return _clip_agc(model_or_params, named, clip_factor, eps, norm_type, exclude_head, skip_nonfinite)
     total = _measure(named, norm_type, skip_nonfinite)
     if not named or not torch.isfinite(total):
         return total
@@ -179,12 +197,29 @@ def clip_gradients(
         coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
         for gs in _by_device_dtype(grads):
             torch._foreach_mul_(gs, coef.to(gs[0].device, gs[0].dtype))
-    elif mode == "value":
+    else:
         for g in grads:  # one pass per tensor; the foreach form needs two (clamp_min_, then clamp_max_)
             g.clamp_(-value, value)
-    else:
-        if exclude_head and isinstance(model_or_params, nn.Module):
-            heads = classifier_head_paths(model_or_params)
-            named = [(n, p) for n, p in named if not in_head(n.rpartition(".")[0], heads)]
-        _agc_(named, clip_factor, eps)
+    return total
+
+
+def _clip_agc(model_or_params, named, clip_factor: float, eps: float, norm_type: float, exclude_head: bool,
+              skip_nonfinite: bool) -> Tensor:
+    """AGC; with the L2 total, that total comes from the per-unit norms AGC needs anyway (one read less)."""
+    clipped = named
+    if exclude_head and isinstance(model_or_params, nn.Module):
+        heads = classifier_head_paths(model_or_params)
+        clipped = [(n, p) for n, p in named if not in_head(n.rpartition(".")[0], heads)]
+    params = [p for _, p in clipped]
+    unit_norms = _unit_grad_norms(params)
+    total = None
+    if norm_type == 2.0 and named:
+        chosen = set(map(id, params))
+        rest = [p.grad for _, p in named if id(p) not in chosen]
+        squares = [torch.cat([u.reshape(-1).float() for u in unit_norms] or [torch.zeros(0)]).square().sum()]
+        squares += [n.float().square() for gs in _by_device_dtype(rest) for n in torch._foreach_norm(gs)]
+        total = torch.stack([q.to(squares[0].device) for q in squares]).sum().sqrt()
+    total = _measure(named, norm_type, skip_nonfinite, total)
+    if named and torch.isfinite(total):
+        _agc_(params, unit_norms, clip_factor, eps)
     return total
