@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import NormInfo, read_norm
-from .errors import ConversionError, NormSwapError, OptionError
+from .errors import ConversionError, NormSwapError
 from .graph import find_relations
 from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan

@@ -39,8 +39,7 @@ from torch import Tensor
 from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
-    _restore, _row_norm,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, _flat, _layer_norm_backward, _row_norm, row_backward, row_forward,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
@@ -49,10 +48,12 @@ _TINY_VAR_EPS = {dt: float(torch.finfo(dt).tiny) ** 0.75 for dt in (torch.float3
 
 
 def _forward_torch(
-    xc: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int
+    xc: Tensor, fresh: bool, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BERT LayerNorm of the rows of ``xc`` with torch's fused LayerNorm: ``(y, mean, rstd, rstd_b)``."""
-    cdt = xc.dtype
+    """BERT LayerNorm of the rows of ``xc`` with torch's fused LayerNorm: ``(y, mean, rstd, rstd_b)``.
+
+    ``fresh`` is unused: the fused kernel writes a new output anyway."""
+    cdt, d = xc.dtype, xc.shape[1]
     # A variance epsilon for the fused kernel that only keeps its rstd finite on constant rows: far below
     # any variance that matters, yet 1/sqrt of it times a row value stays finite (float32 and float64).
     var_eps = _TINY_VAR_EPS.get(cdt, 1e-30)
@@ -72,10 +73,10 @@ def _forward_torch(
 
 
 def _backward_torch(
-    g: Tensor, xc: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, rstd_b: Tensor, eps: float,
-    need: tuple[bool, bool, bool],
+    g: Tensor, xc: Tensor, weight: Tensor | None, stats: Sequence[Tensor], eps: float, need: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`_forward_torch` in the compute dtype, through torch's fused LayerNorm backward."""
+    mean, rstd, rstd_b = stats
     need_x, need_w, need_b = need
     gx = gw = gb = None
     d = xc.shape[1]
@@ -93,45 +94,19 @@ def _backward_torch(
     return gx, gw, gb
 
 
+_IMPL = RowImpl(native.bert_forward, native.bert_backward, _forward_torch, _backward_torch)
+
+
 class _BertLayerNormRows(torch.autograd.Function):
-    """BERT LayerNorm over the trailing ``d`` elements of each row of ``x``."""
+    """BERT LayerNorm over each row of a ``[rows, d]`` input."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
-        cdt = _compute_dtype(x.dtype)
-        with _no_autocast(x.device.type):
-            x2 = x.reshape(-1, d)
-            xc = x2 if x2.dtype == cdt else x2.to(cdt)
-            ctx.native = native.usable(xc)
-            if ctx.native:
-                y, stats = native.bert_forward(xc, weight, bias, eps)
-            else:
-                y, *stats = _forward_torch(xc, weight, bias, eps, d)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-        ctx.save_for_backward(x2, weight, *([stats] if ctx.native else stats))
-        ctx.eps = eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.shapes = (x.shape, None if bias is None else bias.shape)
-        return y  # x arrives as [rows, d]; a view made here would forbid in-place ops on the output
+        return row_forward(ctx, _IMPL, x, weight, bias, eps, d)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, weight, *stats = ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
-        x_shape, b_shape = ctx.shapes
-        cdt = stats[0].dtype
-        with _no_autocast(gy.device.type):
-            g = _as_rows(gy, x.shape[1], cdt)
-            xc = x if x.dtype == cdt else x.to(cdt)
-            if ctx.native:
-                gx, gw, gb = native.bert_backward(g, xc, stats[0], weight, need)
-            else:
-                gx, gw, gb = _backward_torch(g, xc, weight, *stats, ctx.eps, need)
-        gx = _restore(gx, x.dtype, x_shape)
-        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
-        gb = _restore(gb, ctx.bias_dtype, b_shape)
-        return gx, gw, gb, None, None
+        return row_backward(ctx, _IMPL, gy)
 
 
 def _check_size(shape: tuple[int, ...], name: str) -> None:

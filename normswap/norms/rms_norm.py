@@ -27,8 +27,7 @@ from torch import Tensor
 
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowNorm, _as_rows, _compute_dtype, _flat, _layer_norm_backward, _no_autocast,
-    _restore, _row_norm,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, _flat, _layer_norm_backward, _row_norm, row_backward, row_forward,
 )
 
 __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
@@ -40,17 +39,16 @@ __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
 
 
 def _forward_torch(
-    xc: Tensor, x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int
+    xc: Tensor, fresh: bool, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """RMSNorm of the rows of ``xc`` (``x2`` in the compute dtype) with torch ops: ``(y, rstd)``."""
-    cdt = xc.dtype
+    """RMSNorm of the rows of ``xc`` with torch ops: ``(y, rstd)``; ``fresh``: ``xc`` may be overwritten."""
+    cdt, d = xc.dtype, xc.shape[1]
     w = _flat(weight, cdt)
     # One fused read of x for the row statistics; the square of the norm is the sum of squares.
     rstd = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
     rstd = rstd.square_().mul_(1.0 / d).add_(eps).rsqrt_()
     # One fresh tensor for the output, then in-place passes over it while it is still in cache.
     b = _flat(bias, cdt)
-    fresh = xc is not x2  # an upcast copy of a half input can be overwritten
     if w is None:
         y = xc.mul_(rstd) if fresh else xc * rstd
         if b is not None:
@@ -65,9 +63,11 @@ def _forward_torch(
 
 
 def _backward_torch(
-    g: Tensor, xc: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool, need_w: bool, need_b: bool
+    g: Tensor, xc: Tensor, weight: Tensor | None, stats: Sequence[Tensor], eps: float, need: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`_forward_torch` in the compute dtype, through torch's fused LayerNorm backward."""
+    (rstd,) = stats
+    need_x, need_w, need_b = need
     gx = gw = None
     d = xc.shape[1]
     if need_x or need_w:
@@ -81,45 +81,19 @@ def _backward_torch(
     return gx, gw, g.sum(0) if need_b else None
 
 
+_IMPL = RowImpl(native.rms_forward, native.rms_backward, _forward_torch, _backward_torch)
+
+
 class _RMSNormRows(torch.autograd.Function):
-    """RMSNorm over the trailing ``d`` elements of each row of ``x`` (any shape whose numel divides by d)."""
+    """RMSNorm over each row of a ``[rows, d]`` input."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
-        cdt = _compute_dtype(x.dtype)
-        with _no_autocast(x.device.type):
-            x2 = x.reshape(-1, d)
-            xc = x2 if x2.dtype == cdt else x2.to(cdt)
-            if native.usable(xc):
-                y, rstd = native.rms_forward(xc, weight, bias, eps)
-            else:
-                y, rstd = _forward_torch(xc, x2, weight, bias, eps, d)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-        # The input, not the normalized input, is saved: it is alive anyway, so this costs no memory.
-        ctx.save_for_backward(x2, rstd, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.shapes = (x.shape, None if bias is None else bias.shape)
-        return y  # x arrives as [rows, d]; a view made here would forbid in-place ops on the output
+        return row_forward(ctx, _IMPL, x, weight, bias, eps, d)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, rstd, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        x_shape, b_shape = ctx.shapes
-        cdt = rstd.dtype
-        d = x.shape[1]
-        with _no_autocast(gy.device.type):
-            g = _as_rows(gy, d, cdt)
-            xc = x if x.dtype == cdt else x.to(cdt)
-            if native.usable(xc):
-                gx, gw, gb = native.rms_backward(g, xc, rstd, weight, (need_x, need_w, need_b))
-            else:
-                gx, gw, gb = _backward_torch(g, xc, rstd, weight, need_x, need_w, need_b)
-        gx = _restore(gx, x.dtype, x_shape)
-        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
-        gb = _restore(gb, ctx.bias_dtype, b_shape)
-        return gx, gw, gb, None, None
+        return row_backward(ctx, _IMPL, gy)
 
 
 # ----------------------------------------------------------------------------------------------------------

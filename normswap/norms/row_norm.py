@@ -8,6 +8,8 @@ holds what the layers built on such kernels share:
 * the argument checks (``_check_shape``, ``_check_channels``, ``_check_eps``, ``_check_input``,
   ``_check_param``, ``_check_channels_first``);
 * the dtype / autocast helpers the kernels use (``_compute_dtype``, ``_no_autocast``, ``_flat``);
+* ``row_forward`` / ``row_backward``, the body every row kernel shares: pick the fused CPU kernels or the
+  torch-ops implementation (a :class:`RowImpl`), handle dtypes, save and restore what the backward needs;
 * ``_apply_rows`` and ``_apply_channels_first``, which run a row kernel over the trailing dims or over the
   channel dim (dim 1) of an input, and ``_row_norm``, the checked functional form (``rms_norm`` ...);
 * :class:`RowNorm`, the layer base (parameters, checks, ``reset_parameters``, ``forward``, ``extra_repr``), and
@@ -22,12 +24,14 @@ import contextlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
+from normswap.norms import native
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -123,6 +127,67 @@ def _restore(t: Tensor | None, dtype: torch.dtype | None, shape: torch.Size | No
     if t.dtype != dtype:
         t = t.to(dtype)
     return t if t.shape == shape else t.view(shape)
+
+
+@dataclass(frozen=True)
+class RowImpl:
+    """The two implementations of one row norm, which :func:`row_forward` / :func:`row_backward` choose from.
+
+    * ``native_forward(xc, weight, bias, eps) -> (y, stats)`` and
+      ``native_backward(g, xc, stats, weight, need) -> (gx, gw, gb)``: the fused CPU kernels
+      (:mod:`normswap.norms.native`), one statistics tensor;
+    * ``torch_forward(xc, fresh, weight, bias, eps) -> (y, *stats)`` and
+      ``torch_backward(g, xc, weight, stats, eps, need) -> (gx, gw, gb)``: torch ops, any statistics;
+      ``fresh`` says ``xc`` is a private upcast copy the forward may overwrite.
+
+    ``xc`` / ``g`` are ``[rows, d]`` in the compute dtype; ``need`` is (input, weight, bias) gradients wanted.
+    """
+
+    native_forward: Callable
+    native_backward: Callable
+    torch_forward: Callable
+    torch_backward: Callable
+
+
+def row_forward(ctx, impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                d: int) -> Tensor:
+    """The forward of a row kernel (``x`` is ``[rows, d]``): compute dtype, implementation, what to save."""
+    cdt = _compute_dtype(x.dtype)
+    with _no_autocast(x.device.type):
+        x2 = x.reshape(-1, d)
+        xc = x2 if x2.dtype == cdt else x2.to(cdt)
+        ctx.native = native.usable(xc)
+        if ctx.native:
+            y, *stats = impl.native_forward(xc, weight, bias, eps)
+        else:
+            y, *stats = impl.torch_forward(xc, xc is not x2, weight, bias, eps)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+    # The input, not the normalized input, is saved: it is alive anyway, so this costs no memory.
+    ctx.save_for_backward(x2, weight, *stats)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.shapes = (x.shape, None if bias is None else bias.shape)
+    return y  # x arrives as [rows, d]; a view made here would forbid in-place ops on the output
+
+
+def row_backward(ctx, impl: RowImpl, gy: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward of a row kernel, on the implementation its forward used; gradients in their inputs' dtypes."""
+    x, weight, *stats = ctx.saved_tensors
+    need = tuple(ctx.needs_input_grad[:3])
+    x_shape, b_shape = ctx.shapes
+    cdt = stats[0].dtype
+    with _no_autocast(gy.device.type):
+        g = _as_rows(gy, x.shape[1], cdt)
+        xc = x if x.dtype == cdt else x.to(cdt)
+        if ctx.native:
+            gx, gw, gb = impl.native_backward(g, xc, stats[0], weight, need)
+        else:
+            gx, gw, gb = impl.torch_backward(g, xc, weight, stats, ctx.eps, need)
+    gx = _restore(gx, x.dtype, x_shape)
+    gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
+    gb = _restore(gb, ctx.bias_dtype, b_shape)
+    return gx, gw, gb, None, None
 
 
 def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -228,13 +228,20 @@ class OrthogonalRegularizer:
         self._vectors[i] = v
         return v
 
-    def _penalty(self, i: int, b: Bucket) -> Tensor:
-        """This bucket's penalty, differentiable (the loss-term path)."""
-        w = b.stack(differentiable=True)
+    @staticmethod
+    def _gram(b: Bucket, differentiable: bool) -> tuple[Tensor, Tensor, bool]:
+        """The bucket's stacked matrices ``w`` (float32 for half weights), their smaller Gram matrices ``s``
+        (rows x rows when ``wide``, cols x cols when tall) and ``wide``."""
+        w = b.stack(differentiable)
         if w.dtype in _HALF:
             w = w.float()
-        wide = b.rows <= b.cols  # the smaller Gram side: rows x rows when wide, cols x cols when tall
+        wide = b.rows <= b.cols
         s = torch.bmm(w, w.transpose(1, 2)) if wide else torch.bmm(w.transpose(1, 2), w)
+        return w, s, wide
+
+    def _penalty(self, i: int, b: Bucket) -> Tensor:
+        """This bucket's penalty, differentiable (the loss-term path)."""
+        w, s, _ = self._gram(b, differentiable=True)
         if self.form == "offdiag":
             r = w.pow(2).sum(-1)
             return s.pow(2).sum() - r.pow(2).sum()
@@ -248,11 +255,7 @@ class OrthogonalRegularizer:
 
     def _closed_form(self, i: int, b: Bucket) -> tuple[Tensor, Tensor]:
         """This bucket's penalty value and its gradient with respect to the stacked matrices (no graph)."""
-        w = b.stack(differentiable=False)
-        if w.dtype in _HALF:
-            w = w.float()
-        wide = b.rows <= b.cols
-        s = torch.bmm(w, w.transpose(1, 2)) if wide else torch.bmm(w.transpose(1, 2), w)
+        w, s, wide = self._gram(b, differentiable=False)
         diag = s.diagonal(dim1=1, dim2=2)
         if self.form == "offdiag":
             r = diag if wide else w.pow(2).sum(-1)

@@ -168,6 +168,9 @@ def usable(x: Tensor) -> bool:
 
 
 def _required() -> ctypes.CDLL:
+    """The loaded library (checked first: this runs on every call), or an error saying why there is none."""
+    if _lib is not None:
+        return _lib
     lib = _load()
     if lib is None:
         raise RuntimeError(f"normswap fused CPU kernels are {_status}; check native.available() first.")
@@ -186,7 +189,7 @@ def _vector(p: Tensor | None) -> Tensor | None:
 
 
 def _forward(name: str, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, stats: int) -> tuple[Tensor, Tensor]:
-    lib = _lib if _lib is not None else _required()
+    lib = _required()
     if not x.is_contiguous():
         x = x.contiguous()
     rows, d = x.shape
@@ -201,7 +204,7 @@ def _forward(name: str, x: Tensor, w: Tensor | None, b: Tensor | None, eps: floa
 def _backward(
     name: str, gy: Tensor, x: Tensor, st: Tensor, w: Tensor | None, need: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    lib = _lib if _lib is not None else _required()
+    lib = _required()
     if not gy.is_contiguous():
         gy = gy.contiguous()
     if not x.is_contiguous():
@@ -248,7 +251,7 @@ def ghost_bn_backward(
     each batch's statistics, ``[k, C]`` float32. Returns ``dx`` (``None`` unless ``need_x``) and the per-batch
     weight and bias gradient sums ``[k, C]``.
     """
-    lib = _lib if _lib is not None else _required()
+    lib = _required()
     if not gy.is_contiguous():
         gy = gy.contiguous()
     n, c = x.shape[:2]
