@@ -7,8 +7,11 @@ Example:
 
 from . import regularizers
 from .adapters import NormInfo, register_adapter
+from .checkpoints import ConvertedCheckpoint, LoadReport, convert_checkpoint, load, load_state_dict, save
 from .engine import NothingToConvertWarning, convert, last_plan, plan
-from .errors import ConversionError, NormSwapError, OptionError, RegistrationError, UnknownSpecError
+from .errors import (CheckpointError, CheckpointNotFoundError, ConversionError, DestinationExistsError, NormSwapError,
+                     OptionError, RegistrationError, UnknownSpecError, UnsafeCheckpointError)
+from .inspection import Inspection, inspect
 from .report import Change, Plan
 from .specs import Spec, WeightTransform, get_spec, list_specs, register_spec, unregister_spec
 from .specs.weight_norm import remove_weight_norm
@@ -16,8 +19,10 @@ from .specs.weight_norm import remove_weight_norm
 __version__ = "0.1.0"
 
 __all__ = [
-    "Change", "ConversionError", "NormInfo", "NormSwapError", "NothingToConvertWarning", "OptionError", "Plan",
-    "RegistrationError", "Spec", "UnknownSpecError", "WeightTransform", "convert", "get_spec", "last_plan",
-    "list_specs", "plan", "regularizers", "register_adapter", "register_spec", "remove_weight_norm",
+    "Change", "CheckpointError", "CheckpointNotFoundError", "ConversionError", "ConvertedCheckpoint",
+    "DestinationExistsError", "Inspection", "LoadReport", "NormInfo", "NormSwapError", "NothingToConvertWarning",
+    "OptionError", "Plan", "RegistrationError", "Spec", "UnknownSpecError", "UnsafeCheckpointError",
+    "WeightTransform", "convert", "convert_checkpoint", "get_spec", "inspect", "last_plan", "list_specs", "load",
+    "load_state_dict", "plan", "regularizers", "register_adapter", "register_spec", "remove_weight_norm", "save",
     "unregister_spec",
 ]

@@ -1,6 +1,11 @@
-"""The ``normswap`` console script: ``list`` and ``plan``/``inspect``.
+"""The ``normswap`` console script: ``list``, ``plan``, ``convert``, ``inspect``.
 
-Exit codes: 0 ok, 1 failure, 2 bad usage (unknown spec, option or model name).
+Every command calls one public function (``normswap.plan``, ``normswap.convert_checkpoint``,
+``normswap.inspect``); this file only parses arguments and prints.
+
+Exit codes: 0 ok; 1 the work failed (unreadable or corrupt checkpoint, wrong architecture, refused
+pickle, write error); 2 bad usage (unknown spec, option or model name, missing input, existing output
+without --force); 130 interrupted (Ctrl-C; no partial output is left).
 """
 
 from __future__ import annotations
@@ -9,12 +14,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import NormSwapError, OptionError, UnknownSpecError
+from .errors import (CheckpointNotFoundError, DestinationExistsError, NormSwapError, OptionError,
+                     UnknownSpecError)
 from .specs.options import parse_option_value
 
 EPILOG_LIST = "example:\n  normswap list\n  normswap list --verbose"
 EPILOG_PLAN = ("examples:\n  normswap plan --model timm:resnet50 --spec gn_ws\n"
                "  normswap plan --model ./bert-config/ --spec rms --set eps=1e-6")
+EPILOG_CONVERT = (
+    "examples:\n"
+    "  normswap convert resnet50.safetensors --model timm:resnet50 --spec gn_ws --out resnet50_gn_ws.safetensors\n"
+    "  normswap convert finetuned.pth --model timm:resnet50 --model-arg num_classes=10 --spec gn --set groups=16 \\\n"
+    "      --out r50_gn.safetensors\n"
+    "  normswap convert ./bert-base/ --spec rms --out ./bert-base-rms/      # an HF folder in, an HF folder out\n"
+    "\nexit codes: 0 ok, 1 failure (unreadable or wrong checkpoint), 2 bad usage, 130 interrupted")
+EPILOG_INSPECT = ("examples:\n  normswap inspect timm:convnext_tiny\n  normswap inspect resnet50_gn_ws.safetensors\n"
+                  "  normswap inspect model.pth --model timm:resnet50\n  normswap inspect ./bert-base/")
+USAGE_ERRORS = (UnknownSpecError, OptionError, DestinationExistsError, CheckpointNotFoundError)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -43,18 +59,49 @@ def _parse_sets(pairs: Sequence[str]) -> dict:
     return out
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from .engine import plan
-    from .models import build_model
-
+def _spec_options(args: argparse.Namespace) -> dict:
     options = _parse_sets(args.set or [])
     if args.include:
         options["include"] = args.include
     if args.exclude:
         options["exclude"] = args.exclude
-    model = build_model(args.model)
-    print(plan(model, args.spec, **options))
+    return options
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .engine import plan
+    from .models import build_model
+
+    options = _spec_options(args)
+    print(plan(build_model(args.model, device="meta", **_parse_sets(args.model_arg or [])), args.spec, **options))
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import convert_checkpoint
+
+    result = convert_checkpoint(args.src, args.out, args.spec, model=args.model,
+                                model_kwargs=_parse_sets(args.model_arg or []), force=args.force,
+                                progress=not args.quiet, **_spec_options(args))
+    if not args.quiet:
+        print(result)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect
+
+    print(inspect(args.target, model=args.model))
+    return 0
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="a registered spec name (see `normswap list`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec option, repeatable")
+    p.add_argument("--include", action="append", metavar="GLOB", help="module-path glob to convert")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="module-path glob to leave alone")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a timm.create_model argument, repeatable (e.g. num_classes=10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p_list.add_argument("--verbose", "-v", action="store_true", help="show each spec's options and keys")
     p_list.set_defaults(func=_cmd_list)
-    p_plan = sub.add_parser("plan", aliases=["inspect"], help="show what convert would change",
-                            epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    p_plan = sub.add_parser("plan", help="show what convert would change", epilog=EPILOG_PLAN, formatter_class=raw)
     p_plan.add_argument("--model", required=True, help="timm:NAME or a HuggingFace config folder")
-    p_plan.add_argument("--spec", required=True, help="a registered spec name (see `normswap list`)")
-    p_plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec option, repeatable")
-    p_plan.add_argument("--include", action="append", metavar="GLOB", help="module-path glob to convert")
-    p_plan.add_argument("--exclude", action="append", metavar="GLOB", help="module-path glob to leave alone")
+    _add_spec_args(p_plan)
     p_plan.set_defaults(func=_cmd_plan)
+    p_conv = sub.add_parser("convert", help="convert a checkpoint file or HF folder", epilog=EPILOG_CONVERT,
+                            formatter_class=raw)
+    p_conv.add_argument("src", metavar="SRC", help="a .safetensors/.pt/.pth/.bin checkpoint or an HF model folder")
+    p_conv.add_argument("--model", help="timm:NAME or an HF folder holding config.json (not needed when SRC is an "
+                                        "HF folder or a checkpoint normswap wrote)")
+    _add_spec_args(p_conv)
+    p_conv.add_argument("--out", required=True, metavar="DST",
+                        help="output: NAME.safetensors, or a folder (HF models, written with save_pretrained)")
+    p_conv.add_argument("--force", action="store_true", help="replace DST if it exists (never an input)")
+    p_conv.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p_conv.set_defaults(func=_cmd_convert)
+    p_insp = sub.add_parser("inspect", help="list the norm layers of a model and the tensors of a checkpoint",
+                            epilog=EPILOG_INSPECT, formatter_class=raw)
+    p_insp.add_argument("target", metavar="SRC_OR_MODEL", help="timm:NAME, an HF folder, or a checkpoint file")
+    p_insp.add_argument("--model", help="the architecture of a checkpoint that does not name it (timm:NAME, HF folder)")
+    p_insp.set_defaults(func=_cmd_inspect)
     return parser
 
 
@@ -87,7 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except NormSwapError as exc:
         print(f"normswap: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, (UnknownSpecError, OptionError)) else 1
+        return 2 if isinstance(exc, USAGE_ERRORS) else 1
+    except OSError as exc:  # disk full, permission denied on the output...
+        print(f"normswap: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("normswap: interrupted; no output was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import NormInfo, read_norm
 from .errors import ConversionError, NormSwapError
 from .graph import find_relations
+from .models import RECORD_FORMAT, RECORD_KEY
 from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan
 from .selection import globs, selected, unmatched, weight_layers
@@ -226,7 +227,16 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
     _apply(plan_, target, spec_obj, opts)
     target.__dict__["_normswap_plan"] = plan_
     target.__dict__.setdefault("_normswap_history", []).append({"spec": spec_obj.name, "options": plan_.options})
+    _record_in_hf_config(target)
     return target
+
+
+def _record_in_hf_config(model: nn.Module) -> None:
+    """Write the conversions into a transformers model's config, so ``save_pretrained`` keeps them and
+    :func:`normswap.load` can replay them from the saved folder."""
+    config = getattr(model, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers."):
+        setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "conversions": list(model.__dict__["_normswap_history"])})
 
 
 def last_plan(model: nn.Module) -> Plan | None:

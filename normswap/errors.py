@@ -31,6 +31,23 @@ class RegistrationError(NormSwapError):
     """Raised when a spec or adapter registration is malformed or clashes with an existing name."""
 
 
+class CheckpointError(NormSwapError):
+    """Raised when a checkpoint cannot be read (truncated, corrupt, not a checkpoint) or does not fit the
+    model (missing or unexpected keys, shape mismatches); the message names the file and the first keys."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """Raised when a checkpoint path does not exist or holds no weights file normswap can read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Raised when a pickle checkpoint (``.pt``/``.bin``) would import or call code to load; nothing is run."""
+
+
+class DestinationExistsError(NormSwapError):
+    """Raised when an output path exists and overwriting was not asked for, or would overwrite an input."""
+
+
 def closest(name: str, known: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest known name, or ``""`` when nothing is close."""
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import normswap
 
@@ -42,7 +43,7 @@ def test_plan_hf_config_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=37).save_pretrained(tmp_path)
-    res = run("inspect", "--model", str(tmp_path), "--spec", "rms")
+    res = run("plan", "--model", str(tmp_path), "--spec", "rms")
     assert res.returncode == 0, res.stderr
     assert "embeddings.LayerNorm" in res.stdout and "RMSNorm" in res.stdout
 
@@ -54,3 +55,93 @@ def test_bad_usage_exit_code_and_message():
     assert res.returncode == 2 and "timm does not know" in res.stderr
     res = run("plan", "--model", "timm:resnet18", "--spec", "gn", "--set", "groupz=3")
     assert res.returncode == 2 and "unknown option 'groupz'" in res.stderr
+
+
+# ------------------------------------------------------------------------------ convert / inspect (issue 4)
+
+
+@pytest.fixture(scope="module")
+def r18_pth(tmp_path_factory):
+    """A training-style timm checkpoint: nested under "state_dict", DDP "module." prefix, 10 classes."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "train.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return model, path
+
+
+def test_convert_through_the_console_script_and_load_back(r18_pth, tmp_path):
+    model, src = r18_pth
+    out = tmp_path / "out" / "gn_ws.safetensors"
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--model-arg", "num_classes=10",
+              "--spec", "gn_ws", "--set", "groups=8", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and "norms replaced" in res.stdout and "running statistics" in res.stdout
+    assert "converting train.pth" in res.stderr  # the progress line (one summary line when not a terminal)
+    loaded = normswap.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), normswap.convert(model, "gn_ws", groups=8).eval()(x), rtol=0, atol=0)
+    res = run("inspect", str(out))
+    assert res.returncode == 0 and "converted with spec gn_ws" in res.stdout and "GroupNorm" in res.stdout
+
+    # again: the output exists -> bad usage without --force, replaced with it; --quiet prints nothing
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--model-arg", "num_classes=10", "--spec", "gn",
+              "--out", str(out))
+    assert res.returncode == 2 and "already exists; pass --force" in res.stderr
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--model-arg", "num_classes=10", "--spec", "gn",
+              "--out", str(out), "--force", "--quiet")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+
+
+def test_convert_hf_folder_to_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=37)
+    original = transformers.BertForMaskedLM(config).eval()
+    original.save_pretrained(tmp_path / "bert")
+    res = run("convert", str(tmp_path / "bert"), "--spec", "rms", "--out", str(tmp_path / "bert-rms"), "-q")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""  # --quiet also silences transformers' own progress bar
+    loaded = normswap.load(tmp_path / "bert-rms")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, normswap.convert(original, "rms")(ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_convert_exit_codes_for_bad_input(r18_pth, tmp_path):
+    model, src = r18_pth
+    out = str(tmp_path / "o.safetensors")
+    res = run("convert", str(tmp_path / "missing.pth"), "--model", "timm:test_resnet", "--spec", "gn", "--out", out)
+    assert res.returncode == 2 and "missing.pth: no such file" in res.stderr
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--spec", "gm", "--out", out)
+    assert res.returncode == 2 and "unknown spec 'gm'" in res.stderr
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--spec", "gn", "--out", out)  # 1000 vs 10 classes
+    assert res.returncode == 1 and "num_classes=10" in res.stderr and "Traceback" not in res.stderr
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    res = run("convert", str(corrupt), "--model", "timm:test_resnet", "--spec", "gn", "--out", out)
+    assert res.returncode == 1 and "corrupt.safetensors: not a readable safetensors file" in res.stderr
+    res = run("convert", str(src), "--model", "timm:test_resnet", "--spec", "gn", "--out", str(src), "--force")
+    assert res.returncode == 2 and "not pickles" in res.stderr  # and never the input, even with --force
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_refuses_malicious_pickle_through_the_console_script(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "evil.pt"
+    script = (f"import pathlib, torch\n"
+              f"class P:\n    def __reduce__(self):\n        return (pathlib.Path.touch, (pathlib.Path({str(marker)!r}),))\n"
+              f"torch.save({{'w': torch.ones(2), 'p': P()}}, {str(payload)!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    res = run("convert", str(payload), "--model", "timm:test_resnet", "--spec", "gn",
+              "--out", str(tmp_path / "o.safetensors"))
+    assert res.returncode == 1 and "refused" in res.stderr and "weights_only=True" in res.stderr
+    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_inspect_a_model_name_and_help_documents_exit_codes():
+    res = run("inspect", "timm:test_efficientnet")
+    assert res.returncode == 0 and "BatchNormAct2d" in res.stdout and "SiLU" in res.stdout
+    res = run("convert", "--help")
+    assert res.returncode == 0 and "exit codes: 0 ok, 1 failure" in res.stdout
