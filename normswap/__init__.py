@@ -12,6 +12,7 @@ from .engine import NothingToConvertWarning, convert, last_plan, plan
 from .errors import (CheckpointError, CheckpointNotFoundError, ConversionError, DestinationExistsError, NormSwapError,
                      OptionError, RegistrationError, UnknownSpecError, UnsafeCheckpointError)
 from .inspection import Inspection, inspect
+from .validation import ValidationReport, validate
 from .report import Change, Plan
 from .specs import Spec, WeightTransform, get_spec, list_specs, register_spec, unregister_spec
 from .specs.weight_norm import remove_weight_norm
@@ -24,5 +25,5 @@ __all__ = [
     "OptionError", "Plan", "RegistrationError", "Spec", "UnknownSpecError", "UnsafeCheckpointError",
     "WeightTransform", "convert", "convert_checkpoint", "get_spec", "inspect", "last_plan", "list_specs", "load",
     "load_state_dict", "plan", "regularizers", "register_adapter", "register_spec", "remove_weight_norm", "save",
-    "unregister_spec",
+    "unregister_spec", "validate", "ValidationReport",
 ]

@@ -1,4 +1,4 @@
-"""The ``normswap`` console script: ``list``, ``plan``, ``convert``, ``inspect``.
+"""The ``normswap`` console script: ``list``, ``plan``, ``convert``, ``inspect``, ``validate``, ``finetune``.
 
 Every command calls one public function (``normswap.plan``, ``normswap.convert_checkpoint``,
 ``normswap.inspect``); this file only parses arguments and prints.
@@ -11,6 +11,7 @@ without --force); 130 interrupted (Ctrl-C; no partial output is left).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +31,28 @@ EPILOG_CONVERT = (
     "\nexit codes: 0 ok, 1 failure (unreadable or wrong checkpoint), 2 bad usage, 130 interrupted")
 EPILOG_INSPECT = ("examples:\n  normswap inspect timm:convnext_tiny\n  normswap inspect resnet50_gn_ws.safetensors\n"
                   "  normswap inspect model.pth --model timm:resnet50\n  normswap inspect ./bert-base/")
+EPILOG_FINETUNE = (
+    "examples:\n"
+    "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml data=builtin\n"
+    "  normswap finetune recipes/bert_rms_text.yaml data=builtin max_steps=50 output_dir=runs/try\n"
+    "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml --validate-only\n"
+    "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml resume=runs/gn_ws_resnet_microbatch\n"
+    "  torchrun --nproc_per_node 2 -m normswap.cli finetune recipes/gn_ws_resnet_microbatch.yaml data=builtin\n"
+    "\nexit codes: 0 ok (or valid), 1 the run failed, 2 the recipe or its overrides have problems, 130 interrupted")
+EPILOG_VALIDATE = (
+    "examples:\n"
+    "  normswap validate --model timm:resnet50 --spec gn_ws\n"
+    "  normswap validate --model timm:resnet50 --spec gn_ws --checkpoint resnet50.safetensors --device cuda\n"
+    "  normswap validate --model ./bert-base/ --spec rms --json --skip compile\n"
+    "\nexit codes: 0 every check passed, 1 a check failed, 2 bad usage")
 USAGE_ERRORS = (UnknownSpecError, OptionError, DestinationExistsError, CheckpointNotFoundError)
+
+
+def _usage_error(exc: NormSwapError) -> bool:
+    from .finetune.data import DataError
+    from .finetune.recipe import RecipeError
+
+    return isinstance(exc, (*USAGE_ERRORS, RecipeError, DataError))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -95,6 +117,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune, load_config
+
+    if args.validate_only:
+        load_config(args.recipe, args.overrides)
+        print(f"{args.recipe}: valid")
+        return 0
+    result = finetune(args.recipe, args.overrides, progress=not args.quiet)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        print(result)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .checkpoints import load_state_dict
+    from .engine import convert
+    from .models import build_model
+    from .validation import example_inputs, validate
+
+    original = build_model(args.model, **_parse_sets(args.model_arg or []))
+    if args.checkpoint:
+        load_state_dict(original, args.checkpoint)
+    original.eval()
+    converted = convert(original, args.spec, **_spec_options(args))
+    inputs = example_inputs(original, batch=args.batch, image_size=args.image_size)
+    report = validate(original, converted, inputs, device=args.device, skip=args.skip or ())
+    print(report.to_json() if args.json else report)
+    return 0 if report.passed else 1
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", required=True, help="a registered spec name (see `normswap list`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec option, repeatable")
@@ -132,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp.add_argument("target", metavar="SRC_OR_MODEL", help="timm:NAME, an HF folder, or a checkpoint file")
     p_insp.add_argument("--model", help="the architecture of a checkpoint that does not name it (timm:NAME, HF folder)")
     p_insp.set_defaults(func=_cmd_inspect)
+    p_val = sub.add_parser("validate", help="build, convert and check a model's behaviour", epilog=EPILOG_VALIDATE,
+                           formatter_class=raw)
+    p_val.add_argument("--model", required=True, help="timm:NAME or an HF folder holding config.json")
+    _add_spec_args(p_val)
+    p_val.add_argument("--checkpoint", help="weights of the original model to load first (any format normswap reads)")
+    p_val.add_argument("--device", default="cpu", help="cpu (default) or cuda: run the checks there, plus CPU vs GPU")
+    p_val.add_argument("--skip", action="append", metavar="CHECK", help="leave a check out (e.g. compile), repeatable")
+    p_val.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    p_val.add_argument("--image-size", type=int, default=None, help="example image size (default: the model's)")
+    p_val.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_val.set_defaults(func=_cmd_validate)
+    p_ft = sub.add_parser("finetune", help="run a fine-tuning recipe (YAML)", epilog=EPILOG_FINETUNE,
+                          formatter_class=raw)
+    p_ft.add_argument("recipe", metavar="RECIPE", help="a recipe YAML file (see recipes/)")
+    p_ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="recipe keys to override, dotted for sections (optimizer.lr=0.1, data=builtin)")
+    p_ft.add_argument("--validate-only", action="store_true", help="check the recipe and exit (0 valid, 2 not)")
+    p_ft.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p_ft.set_defaults(func=_cmd_finetune)
     return parser
 
 
@@ -142,12 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["list"])  # doctest: +SKIP
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "finetune":  # KEY=VALUE overrides may come after --validate-only / --quiet
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except NormSwapError as exc:
         print(f"normswap: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, USAGE_ERRORS) else 1
+        return 2 if _usage_error(exc) else 1
     except OSError as exc:  # disk full, permission denied on the output...
         print(f"normswap: error: {exc}", file=sys.stderr)
         return 1

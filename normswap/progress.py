@@ -34,6 +34,7 @@ class Progress:
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.done = 0.0
+        self.status = ""
         self.start = time.perf_counter()
         self._shown = 0.0
 
@@ -45,11 +46,15 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * int(24 * frac)
         rate = f", {_size(self.done / elapsed)}/s" if self.unit == "bytes" and elapsed > 0 else ""
+        status = f" {self.status}" if self.status else ""
         return (f"{self.label} [{bar:<24}] {self._fmt(self.done)}/{self._fmt(self.total)} "
-                f"({100 * frac:.0f}%, {elapsed:.1f} s{rate})")
+                f"({100 * frac:.0f}%, {elapsed:.1f} s{rate}){status}")
 
-    def update(self, n: float) -> None:
+    def update(self, n: float, status: str | None = None) -> None:
+        """Count ``n`` more units done; ``status`` (e.g. ``"loss 0.52"``) is shown after the bar."""
         self.done += n
+        if status is not None:
+            self.status = status
         now = time.perf_counter()
         if self.tty and now - self._shown > 0.1:
             self._shown = now

@@ -137,10 +137,12 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
     return built
 
 
-def save(model: nn.Module, path: PathLike, *, force: bool = False) -> pathlib.Path:
+def save(model: nn.Module, path: PathLike, *, force: bool = False,
+         state_dict: dict[str, torch.Tensor] | None = None) -> pathlib.Path:
     """Save a (converted) model so :func:`load` can rebuild it: a ``.safetensors`` file carrying the base
     model and conversions in its metadata, or, for a transformers model and a folder path, ``save_pretrained``
     (the conversions are in its config.json). Written atomically; an existing path needs ``force=True``.
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered weights of an FSDP-sharded model).
 
     Example:
         >>> save(normswap.convert(timm.create_model("resnet18"), "gn_ws"), "r18_gn_ws.safetensors")  # doctest: +SKIP
@@ -151,8 +153,8 @@ def save(model: nn.Module, path: PathLike, *, force: bool = False) -> pathlib.Pa
     if path.suffix.lower() == ".safetensors":
         record = make_record(model)
         with atomic_output(path, force=force) as tmp, open(tmp, "wb") as f:
-            write_model(f, model, record, str(path))
+            write_model(f, model, record, str(path), state=state_dict)
     else:
         with atomic_output(path, force=force, folder=True) as tmp:
-            write_hf_folder(tmp, model, None)
+            write_hf_folder(tmp, model, None, state_dict=state_dict)
     return path

@@ -34,9 +34,11 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_model(f, model: nn.Module, record: dict, where: str, progress: Progress = None) -> int:
-    """Stream ``model``'s state dict into the open file ``f`` as safetensors carrying ``record``."""
-    items = [OutputTensor(k, t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in unique_state(model).items()]
+def write_model(f, model: nn.Module, record: dict, where: str, progress: Progress = None,
+                state: dict[str, torch.Tensor] | None = None) -> int:
+    """Stream ``model``'s state dict (or ``state``) into the open file ``f`` as safetensors carrying ``record``."""
+    tensors = unique_state(model) if state is None else state
+    items = [OutputTensor(k, t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in tensors.items()]
     return write_safetensors(f, items, _metadata(record, where), progress=progress)
 
 
@@ -57,7 +59,8 @@ def write_mapped(f, ckpt: Checkpoint, keymap: KeyMap, record: dict, where: str, 
     return write_safetensors(f, items, _metadata(record, where), progress=progress)
 
 
-def write_hf_folder(folder: pathlib.Path, model: nn.Module, source: pathlib.Path | None, *, quiet: bool = False) -> None:
+def write_hf_folder(folder: pathlib.Path, model: nn.Module, source: pathlib.Path | None, *, quiet: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``model.save_pretrained(folder)``, plus the tokenizer and other small files of the source folder."""
     if not hasattr(model, "save_pretrained"):
         raise NormSwapError(f"{type(model).__name__} is not a transformers model, so it cannot be written as an "
@@ -68,7 +71,7 @@ def write_hf_folder(folder: pathlib.Path, model: nn.Module, source: pathlib.Path
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
     finally:
         if quiet and was_enabled:
             hf_logging.enable_progress_bar()

@@ -1,0 +1,15 @@
+"""``normswap.validate``: check what a conversion produced, and ``normswap validate`` from the command line.
+
+Example:
+    >>> import torch, normswap
+    >>> original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> report = normswap.validate(original, normswap.convert(original, "gn_ws", groups=2),
+    ...                            torch.randn(2, 3, 8, 8), checks=["finite", "gradients", "batch_independence"])
+    >>> report.passed
+    True
+"""
+
+from .report import CheckRow, ValidationReport
+from .run import example_inputs, validate
+
+__all__ = ["CheckRow", "ValidationReport", "example_inputs", "validate"]

@@ -1,0 +1,106 @@
+"""The entry point that runs the checks of ``checks.py`` in order, and example inputs for a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import OptionError, closest
+from . import checks as C
+from .report import ValidationReport
+
+
+def validate(original: nn.Module, converted: nn.Module, example_inputs: Any, *,
+             checks: Sequence[str] | None = None, skip: Sequence[str] = (), device: str | torch.device = "cpu",
+             autocast_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16),
+             output: str | None = None) -> ValidationReport:
+    """Check a converted model against its original; returns a :class:`ValidationReport` (``.passed``).
+
+    Checks (``checks=`` picks some, ``skip=`` leaves some out): forward/backward finite in train and eval
+    mode; every trainable parameter gets a gradient; outputs equal the original's where the spec preserves
+    computation (otherwise the difference is reported); a sample's train-mode output does not depend on its
+    batch (GroupNorm family); bf16/fp16 autocast finite and close to fp32; ``torch.compile`` equals eager;
+    channels_last equals contiguous (conv nets); on ``device="cuda"`` all of it on the GPU plus CPU vs GPU
+    agreement. ``example_inputs``: a tensor, a tuple of tensors, or a dict of keyword tensors (batch >= 2).
+    ``output`` names the output field to check (default: the tensor itself, ``logits``,
+    ``last_hidden_state``, or the first tensor), e.g. ``"text_embeds"`` for CLIP, whose logits mix samples.
+
+    Example:
+        >>> report = validate(model, normswap.convert(model, "gn_ws"), torch.randn(2, 3, 224, 224))  # doctest: +SKIP
+        >>> print(report)  # doctest: +SKIP
+    """
+    if not isinstance(original, nn.Module) or not isinstance(converted, nn.Module):
+        raise OptionError("validate(original, converted, example_inputs): both models must be torch.nn.Module")
+    wanted = list(checks) if checks is not None else list(C.CHECKS)
+    for name in [*wanted, *skip]:
+        if name not in C.CHECKS:
+            raise OptionError(f"unknown check {name!r}; the checks are {', '.join(C.CHECKS)}.{closest(name, C.CHECKS)}")
+    wanted = [c for c in wanted if c not in skip]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device='cuda' but CUDA is not available here; validate on the CPU (device='cpu')")
+    C.OUTPUT_FIELD.set(output)
+    history = converted.__dict__.get("_normswap_history", [])
+    spec = "+".join(h["spec"] for h in history) or "(no recorded conversion)"
+    report = ValidationReport(type(converted).__name__, spec, str(dev))
+    inputs = C._map(C._split(example_inputs), lambda t: t.to(dev))
+    original = _on(original, dev)
+    conv = _on(converted, dev)
+    dtype = next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32)
+    if "finite" in wanted:
+        C.check_finite(report, conv, inputs)
+    if "gradients" in wanted:
+        C.check_gradients(report, original, conv, inputs)
+    if "outputs" in wanted:
+        C.check_outputs(report, original, conv, inputs, dtype)
+    if "batch_independence" in wanted:
+        C.check_batch_independence(report, conv, inputs, dtype)
+    if "autocast" in wanted:
+        C.check_autocast(report, original, conv, inputs, dev, autocast_dtypes)
+    if "compile" in wanted:
+        C.check_compile(report, original, conv, inputs, dtype)
+    if "channels_last" in wanted:
+        C.check_channels_last(report, original, conv, inputs, dtype)
+    if "device" in wanted and dev.type != "cpu":
+        C.check_devices(report, converted, C._map(inputs, lambda t: t.cpu()), torch.device("cpu"), dev, dtype)
+    return report
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``: itself when already there, else a copy (the caller's model never moves)."""
+    param = next(iter(model.parameters()), None)
+    if param is None or param.device == device:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+def example_inputs(model: nn.Module, *, batch: int = 2, image_size: int | None = None, seq_len: int = 16,
+                   seed: int = 0) -> Any:
+    """Random inputs of the right kind for ``model``: token ids for an HF text model, pixels otherwise
+    (the size timm's ``pretrained_cfg`` or the HF config gives, unless ``image_size`` is set).
+
+    Example:
+        >>> example_inputs(nn.Conv2d(3, 4, 3), image_size=32).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    g = torch.Generator().manual_seed(seed)
+    config = getattr(model, "config", None)
+    if getattr(model, "main_input_name", "") == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 100))
+        ids = torch.randint(min(vocab, 1000), (batch, seq_len), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if image_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size") or (3, getattr(config, "image_size", 224), getattr(config, "image_size", 224))
+        chans, h, w = size
+        h = h if isinstance(h, int) else h[0]
+        w = w if isinstance(w, int) else w[-1]
+    else:
+        chans, h, w = 3, image_size, image_size
+    chans = getattr(config, "num_channels", chans)
+    return torch.randn(batch, chans, h, w, generator=g)
