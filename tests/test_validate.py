@@ -33,7 +33,7 @@ def _timm(name):
 
 
 def _timm_cases():
-    from test_timm_zoo import CI_MAX_PARAMS, _with
+    from test_timm_zoo import _with
     from timm_zoo import sample
 
     bn = sample(_with("batch", 8e6), 6)
