@@ -13,7 +13,11 @@
    BatchNorm original: train step and inference, contiguous and channels_last (bf16 too on GPU).
 4. A BERT converted with ``rms`` and ``bert_ln`` against the original: train step.
 
-Candidates of one comparison are timed in alternating rounds and the median is kept.
+Candidates of one comparison are timed in alternating rounds and the median is kept. On Linux the suite
+runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` raised (it re-executes itself so), so that a freed multi-MB
+output is reused rather than returned to the OS: otherwise every call of every candidate pays for fresh,
+kernel-zeroed pages, a cost of the allocator that varied the layer figures by up to 4x between runs.
+``--system-malloc`` keeps the default allocator.
 """
 
 from __future__ import annotations
@@ -226,9 +230,11 @@ def markdown(device: torch.device, bw: float, layers: list[dict], models: list[d
     from normswap.norms import native
 
     today = datetime.date.today().isoformat()
+    malloc = ("glibc mmap threshold raised (freed outputs reused)" if "MALLOC_MMAP_THRESHOLD_" in os.environ
+              else "default allocator")
     out = [f"## {device.type.upper()}: {machine(device)}", "",
            f"{today}, torch {torch.__version__}, normswap {normswap.__version__}, fp32 unless noted; "
-           f"fused CPU kernels: {native.status()}. Copy bandwidth {bw / 1e9:.1f} GB/s.", "",
+           f"fused CPU kernels: {native.status().split(':')[0]}; {malloc}. Copy bandwidth {bw / 1e9:.1f} GB/s.", "",
            "### Norm layers (ratios: time / time; below 1 means normswap's layer is faster)", "",
            "| layer | shape | fwd / limit | fwd+bwd / limit | vs torch's layer: fwd, fwd+bwd (torch's own fwd+bwd / limit) |",
            "|---|---|---|---|---|"]
@@ -259,7 +265,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "bert"])
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default mmap threshold")
     args = parser.parse_args()
+    if not args.system_malloc and sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     device = torch.device(args.device)
     repeat = 3 if args.quick else 7
     print(f"{machine(device)}, torch {torch.__version__}", flush=True)

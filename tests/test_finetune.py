@@ -68,6 +68,12 @@ def test_recipe_problems_are_reported_all_at_once(tmp_path):
         assert any(p.startswith(text) or text in p for p in problems), (text, problems)
     assert "Did you mean 'momentum'" in str(err.value) and "Did you mean 'max_steps'" in str(err.value)
     assert not (tmp_path / "x").exists()
+    # an unknown model is reported together with the other problems
+    recipe["model"]["name"] = "resnet_nope"
+    with pytest.raises(RecipeError) as err:
+        load_config(recipe)
+    assert any("timm does not know the model 'resnet_nope'" in p for p in err.value.problems)
+    assert any(p.startswith("optimizer.momentun") for p in err.value.problems)
 
 
 @pytest.mark.parametrize("override,message", [

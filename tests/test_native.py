@@ -36,6 +36,16 @@ def _torch_ops_reference(layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tens
     return _grads(copy.deepcopy(layer).double(), x.double(), gy.double())
 
 
+def _assert_threads_match_reference(layer, x, gy, monkeypatch) -> None:
+    """4 threads and 1 thread give the float64 torch-ops numbers, to 1e-4 of each tensor's largest value."""
+    fused, single = _grads(layer, x, gy, threads=4), _grads(layer, x, gy, threads=1)
+    reference = _torch_ops_reference(layer, x, gy, monkeypatch)
+    for a, b, ref in zip(fused, single, reference):
+        tol = 1e-4 * ref.abs().max().item()
+        torch.testing.assert_close(a.double(), ref, rtol=0, atol=tol)
+        torch.testing.assert_close(b.double(), ref, rtol=0, atol=tol)
+
+
 @needs_native
 @pytest.mark.parametrize("make", [lambda d: RMSNorm(d, bias=True), lambda d: BertLayerNorm(d)])
 def test_several_threads_match_the_torch_ops_path(make, monkeypatch):
@@ -48,12 +58,7 @@ def test_several_threads_match_the_torch_ops_path(make, monkeypatch):
             p.normal_()
     x = torch.randn(1000, d) * 3 + 1
     gy = torch.randn(1000, d)
-    fused, single = _grads(layer, x, gy, threads=4), _grads(layer, x, gy, threads=1)
-    reference = _torch_ops_reference(layer, x, gy, monkeypatch)
-    for a, b, ref in zip(fused, single, reference):
-        tol = 1e-4 * ref.abs().max().item()
-        torch.testing.assert_close(a.double(), ref, rtol=0, atol=tol)
-        torch.testing.assert_close(b.double(), ref, rtol=0, atol=tol)
+    _assert_threads_match_reference(layer, x, gy, monkeypatch)
 
 
 @needs_native
@@ -123,3 +128,58 @@ def test_ghost_batch_norm_backward_matches_the_torch_ops_path(shape, affine, mon
     reference = _torch_ops_reference(layer, x, gy, monkeypatch)
     for a, ref in zip(fused, reference):
         torch.testing.assert_close(a.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("shape,affine,bias", [((5, 24, 9, 11), True, True), ((3, 7, 130), True, False),
+                                               ((2, 16, 3, 4, 5), False, False), ((4, 256, 8, 8), True, True)])
+def test_channel_layer_norm_matches_the_torch_ops_path(shape, affine, bias, monkeypatch):
+    """Tiles of positions split over threads (a partial last tile), with or without affine and bias, 1-3
+    spatial dims, a gradient in another memory layout; against float64 on the transpose path."""
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+
+    torch.manual_seed(0)
+    layer = ChannelLayerNorm(shape[1], affine=affine, bias=bias)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(*shape) * 2 + 3
+    gy = torch.randn(*shape)
+    if len(shape) == 4:
+        gy = gy.to(memory_format=torch.channels_last)
+    assert type(layer(x.clone().requires_grad_()).grad_fn).__name__ == "_ChannelLayerNormFunctionBackward"
+    _assert_threads_match_reference(layer, x, gy, monkeypatch)
+
+
+@needs_native
+def test_channel_layer_norm_falls_back_for_other_layouts_and_dtypes():
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+
+    layer = ChannelLayerNorm(8)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    assert type(layer(x.to(memory_format=torch.channels_last)).grad_fn).__name__ != "_ChannelLayerNormFunctionBackward"
+    assert type(layer.double()(x.double()).grad_fn).__name__ != "_ChannelLayerNormFunctionBackward"
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(37, 24, 9, 9), (50, 16), (20, 6, 300)])
+def test_ghost_batch_norm_forward_matches_the_torch_ops_path(shape, monkeypatch):
+    """The fused forward: output, per-chunk statistics (through the running stats) and gradients."""
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    cls = GhostBatchNorm2d if len(shape) == 4 else GhostBatchNorm1d
+    layer = cls(shape[1], virtual_batch_size=8)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(*shape) * 2 + 5
+    gy = torch.randn(*shape)
+    fused_layer, ref_layer = copy.deepcopy(layer), copy.deepcopy(layer).double()
+    fused = _grads(fused_layer, x, gy, threads=4)
+    monkeypatch.setattr(native, "usable", lambda x: False)
+    reference = _grads(ref_layer, x.double(), gy.double())
+    for a, ref in zip(fused, reference):
+        torch.testing.assert_close(a.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(fused_layer.running_mean.double(), ref_layer.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_layer.running_var.double(), ref_layer.running_var, rtol=1e-5, atol=1e-6)

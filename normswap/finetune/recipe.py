@@ -189,8 +189,10 @@ def validate(recipe: dict[str, Any], source: str = "recipe", *, check_data: bool
     for name in ("resume", "init_from"):
         if isinstance(full[name], str) and not pathlib.Path(full[name]).exists():
             problems.append(f"{name}: {full[name]} does not exist")
-    if not problems:
-        problems += _check_built(full, check_data)
+    # build what has no problem of its own yet, so those problems are listed in the same report
+    if isinstance(full["model"], dict) and not any(p.startswith("model") for p in problems):
+        data_ok = isinstance(full["data"], dict) and not any(p.startswith("data") for p in problems)
+        problems += _check_built(full, check_data and data_ok)
     if problems:
         raise RecipeError(source, problems)
     return full

@@ -10,6 +10,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
+
+class _ChannelLayerNormFunction(torch.autograd.Function):
+    """The fused CPU kernels (float32, contiguous): no transposes, each tensor read or written once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        y, mean, rstd = native.channel_ln_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = native.channel_ln_backward(gy, x, mean, rstd, weight, need_x, need_w, need_b)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        return gx, gw, gb, None
+
+
+def _fused_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return (x.dim() >= 3 and native.usable(x) and x.is_contiguous()
+            and all(p is None or (p.dtype == torch.float32 and type(p.data) is torch.Tensor) for p in params))
+
 
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over dim 1 of an ``[N, C, *]`` input; keys ``weight``/``bias`` as ``nn.LayerNorm``.
@@ -27,5 +53,7 @@ class ChannelLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if _fused_ok(x, self.weight, self.bias):
+            return _ChannelLayerNormFunction.apply(x, self.weight, self.bias, self.eps)
         y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
         return y.movedim(-1, 1)

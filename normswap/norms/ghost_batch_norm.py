@@ -94,6 +94,16 @@ class _GhostBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: tuple[int, ...],
                 eps: float, stats_dtype: torch.dtype | None):
         k, c = len(sizes), x.shape[1]
+        if _native_ok(x, weight, x) and (bias is None or bias.dtype == torch.float32):
+            y, save_mean, save_invstd, chunk_var = native.ghost_bn_forward(x, weight, bias, sizes, eps,
+                                                                          stats_dtype is not None)
+            ctx.save_for_backward(x, weight, save_mean, save_invstd)
+            ctx.sizes, ctx.eps = sizes, eps
+            if stats_dtype is None:
+                return y
+            chunk_mean, chunk_var = save_mean.to(stats_dtype), chunk_var.to(stats_dtype)
+            ctx.mark_non_differentiable(chunk_mean, chunk_var)
+            return y, chunk_mean, chunk_var
         y = torch.empty_like(x)
         # save_mean / save_invstd follow the kernel's choice of dtype: that of the parameters if any.
         param_dtype = weight.dtype if weight is not None else (stats_dtype or x.dtype)

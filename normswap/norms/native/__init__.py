@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name(name) for name in ("row_kernels.c", "ghost_batch_norm.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("row_kernels.c", "ghost_batch_norm.c", "channel_layer_norm.c")]
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 _lock = threading.Lock()
@@ -111,6 +111,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = i32
     lib.normswap_ghost_bn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
     lib.normswap_ghost_bn_bwd.restype = None
+    lib.normswap_ghost_bn_fwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, f64, i32]
+    lib.normswap_ghost_bn_fwd.restype = None
+    lib.normswap_cln_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, f64, i32]
+    lib.normswap_cln_fwd.restype = None
+    lib.normswap_cln_bwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.normswap_cln_bwd.restype = i32
 
 
 def _load() -> ctypes.CDLL | None:
@@ -239,6 +245,60 @@ def bert_forward(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> t
 def bert_backward(gy: Tensor, x: Tensor, stats: Tensor, w: Tensor | None, need: tuple[bool, bool, bool]):
     """Gradients ``(dx, dw, db)`` of :func:`bert_forward` (``None`` where ``need`` is False), float32."""
     return _backward("normswap_bert_bwd", gy, x, stats, w, need)
+
+
+def channel_ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over dim 1 of a contiguous ``[N, C, *]`` float32 CPU tensor: ``y`` and the per-position
+    mean and inverse std (``[N, S]``) the backward needs."""
+    lib = _required()
+    n, c = x.shape[:2]
+    s = x.numel() // max(n * c, 1)
+    y = torch.empty_like(x)
+    mean = torch.empty(n, s, dtype=torch.float32)
+    rstd = torch.empty(n, s, dtype=torch.float32)
+    lib.normswap_cln_fwd(x.data_ptr(), _ptr(_vector(weight)), _ptr(_vector(bias)), y.data_ptr(), mean.data_ptr(),
+                         rstd.data_ptr(), n, c, s, float(eps), torch.get_num_threads())
+    return y, mean, rstd
+
+
+def channel_ln_backward(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool,
+                        need_w: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`channel_ln_forward`: ``dx``, ``dweight``, ``dbias`` (``None`` where not wanted)."""
+    lib = _required()
+    gy = gy.contiguous()
+    n, c = x.shape[:2]
+    s = x.numel() // max(n * c, 1)
+    gx = torch.empty_like(x) if need_x else None
+    gw = torch.empty(c, dtype=torch.float32) if need_w else None
+    gb = torch.empty(c, dtype=torch.float32) if need_b else None
+    nthreads = torch.get_num_threads()
+    if lib.normswap_cln_bwd(gy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(_vector(weight)),
+                            _ptr(gx), _ptr(gw), _ptr(gb), n, c, s, nthreads) != 0:
+        raise MemoryError("normswap channel LayerNorm backward: could not allocate its scratch memory")
+    return gx, gw, gb
+
+
+def ghost_bn_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: tuple[int, ...], eps: float, want_var: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Training-mode batch norm of each virtual batch of a contiguous channels-first float32 CPU input.
+
+    Returns ``y``, each batch's ``mean`` and ``invstd`` (``[k, C]``, for the backward) and, with ``want_var``,
+    its unbiased variance (for the running statistics).
+    """
+    lib = _required()
+    n, c = x.shape[:2]
+    k = len(sizes)
+    starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+    y = torch.empty_like(x)
+    mean = torch.empty(k, c, dtype=torch.float32)
+    invstd = torch.empty(k, c, dtype=torch.float32)
+    var = torch.empty(k, c, dtype=torch.float32) if want_var else None
+    lib.normswap_ghost_bn_fwd(x.data_ptr(), _ptr(_vector(weight)), _ptr(_vector(bias)), y.data_ptr(), mean.data_ptr(),
+                              invstd.data_ptr(), _ptr(var), starts.data_ptr(), k, c, x.numel() // max(n * c, 1),
+                              float(eps), torch.get_num_threads())
+    return y, mean, invstd, var
 
 
 def ghost_bn_backward(

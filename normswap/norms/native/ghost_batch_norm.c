@@ -14,6 +14,7 @@
  * Outputs gw, gb: [k, C] per-virtual-batch sums, sum(dy * xhat) and sum(dy) (the caller sums over k).
  * w may be NULL (ones); dx may be NULL (no input gradient).
  */
+#include <math.h>
 #include <stdint.h>
 
 void normswap_ghost_bn_bwd(const float *dy, const float *x, const float *mean, const float *invstd,
@@ -48,6 +49,58 @@ void normswap_ghost_bn_bwd(const float *dy, const float *x, const float *mean, c
                 float *o = dx + p;
                 #pragma omp simd
                 for (int64_t s = 0; s < S; ++s) o[s] = scale * (g[s] - k1 - (xv[s] - m) * k2);
+            }
+        }
+    }
+}
+
+/* Fused CPU forward of GhostBatchNorm (training mode), same layout as the backward above. Each (virtual
+ * batch, channel) task sums its M = n * S values and their squares (shifted by the task's first value, which
+ * keeps the one-pass variance accurate when the mean is large against the spread), then writes
+ *
+ *     y = (x - mean) * invstd * w + b,    invstd = 1 / sqrt(var + eps)   (var: biased, as batch norm uses)
+ *
+ * while the task's values (n * S floats, a few hundred KB for usual sizes) are still in cache, so the input
+ * is read from memory once. Outputs mean, invstd: [k, C]; var_unbiased: [k, C] or NULL (for the running
+ * statistics). w, b may be NULL (ones, zeros).
+ */
+void normswap_ghost_bn_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *invstd,
+                           float *var_unbiased, const int64_t *starts, int64_t k, int64_t C, int64_t S, double eps,
+                           int nthreads) {
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < k; ++i) {
+        for (int64_t c = 0; c < C; ++c) {
+            const int64_t n0 = starts[i], n1 = starts[i + 1];
+            const float shift = x[(n0 * C + c) * S];
+            double s1 = 0.0, s2 = 0.0;
+            for (int64_t n = n0; n < n1; ++n) {
+                const float *xv = x + (n * C + c) * S;
+                float a = 0.0f, q = 0.0f;
+                #pragma omp simd reduction(+:a, q)
+                for (int64_t s = 0; s < S; ++s) {
+                    const float d = xv[s] - shift;
+                    a += d;
+                    q += d * d;
+                }
+                s1 += a;
+                s2 += q;
+            }
+            const double count = (double)((n1 - n0) * S);
+            const double dm = s1 / count;
+            double var = s2 / count - dm * dm;
+            if (var < 0.0) var = 0.0;
+            const double m = (double)shift + dm;
+            const float iv = (float)(1.0 / sqrt(var + eps));
+            mean[i * C + c] = (float)m;
+            invstd[i * C + c] = iv;
+            if (var_unbiased) var_unbiased[i * C + c] = (float)(count > 1.0 ? var * count / (count - 1.0) : 0.0);
+            const float scale = (w ? w[c] : 1.0f) * iv, bias = b ? b[c] : 0.0f, mf = (float)m;
+            for (int64_t n = n0; n < n1; ++n) {
+                const int64_t p = (n * C + c) * S;
+                const float *xv = x + p;
+                float *o = y + p;
+                #pragma omp simd
+                for (int64_t s = 0; s < S; ++s) o[s] = (xv[s] - mf) * scale + bias;
             }
         }
     }
