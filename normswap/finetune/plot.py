@@ -31,7 +31,7 @@ def plot_metrics(metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path | Non
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-    ax_acc.plot([r["step"] for r in train], [r["train_accuracy"] for r in train], label="train (batch)")
+    ax_acc.plot([r["step"] for r in train], [r["train_accuracy"] for r in train], label="train")
     ax_acc.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", label="validation")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):

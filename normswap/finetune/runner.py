@@ -313,12 +313,16 @@ def _train(run: _Run) -> RunResult:
     with Progress("fine-tuning", total, unit="steps", enabled=run.progress) as bar:
         bar.update(run.step)
         started = time.perf_counter()
+        window: list[dict[str, float]] = []  # steps since the last log row: loss and accuracy are their mean
         while run.step < total:
             figures = run.train_step()
+            window.append(figures)
             last.update(figures)
             step = run.step
             if step % cfg["log_every"] == 0 or step == total:
-                row = {"step": step, **figures, "seconds": time.perf_counter() - started}
+                averaged = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "train_accuracy")}
+                row = {"step": step, **figures, **averaged, "seconds": time.perf_counter() - started}
+                window = []
                 if main:
                     _log(metrics, row)
             if cfg["eval_every"] and step % cfg["eval_every"] == 0 and step != total:
