@@ -442,3 +442,49 @@ def test_inspect_converted_checkpoint_shows_its_conversion(timm_ckpt, tmp_path):
     result = normswap.inspect(out)
     assert result.conversions[0]["spec"] == "gn_ws" and {r.type for r in result.norms} == {"GroupNorm"}
     assert "converted with spec gn_ws (groups=8" in str(result)
+
+
+# ------------------------------------------------------------------------------- transformers specifics
+
+
+def test_hf_renamed_checkpoint_keys_load(tmp_path):
+    """transformers v5 renames some keys between the checkpoint and the model (ViT's attention): a folder
+    written by save_pretrained converts and loads back."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=4, intermediate_size=37)
+    original = randomize(transformers.ViTModel(config))
+    original.save_pretrained(tmp_path / "vit")
+    x = torch.randn(2, 3, 32, 32)
+    reference = normswap.convert(original, "rms").eval()
+    for out in (tmp_path / "vit.safetensors", tmp_path / "vit-rms"):
+        normswap.convert_checkpoint(tmp_path / "vit", out, "rms")
+        with torch.no_grad():
+            torch.testing.assert_close(normswap.load(out).eval()(x).last_hidden_state,
+                                       reference(x).last_hidden_state, rtol=0, atol=0)
+
+
+def test_specs_that_derive_values_are_converted_in_memory(tmp_path):
+    """Gemma's RMSNorm scales by 1 + weight; `ln` folds that into the new weight, so copying the tensor
+    as it is would be wrong: the converter notices the new tensor and converts the model for real."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, intermediate_size=37)
+    original = randomize(transformers.GemmaForCausalLM(config))
+    original.save_pretrained(tmp_path / "gemma")
+    result = normswap.convert_checkpoint(tmp_path / "gemma", tmp_path / "gemma-ln.safetensors", "ln")
+    assert not result.streamed and any("anew from their old values" in n for n in result.notes)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(normswap.load(tmp_path / "gemma-ln.safetensors").eval()(ids).logits,
+                                   normswap.convert(original, "ln").eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_original_checkpoint_into_a_folded_conversion_is_refused():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GemmaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, intermediate_size=37)
+    original = transformers.GemmaForCausalLM(config)
+    converted = normswap.convert(original, "ln")
+    with pytest.raises(normswap.CheckpointError, match="scales by 1 \\+ weight"):
+        normswap.load_state_dict(converted, original.state_dict())

@@ -97,10 +97,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         base_map = map_keys(skeleton, ckpt.tensors, where=str(src))  # the checkpoint fits its model
         notes += base_map.notes
         keymap = None
+        before = {k: id(v) for k, v in skeleton.state_dict(keep_vars=True).items()}
         try:
             converted = convert(skeleton, spec, inplace=True, **options)
             plan = last_plan(converted)
-            if not folder:
+            # a tensor under an unchanged key but no longer the same object was made anew: its value may be
+            # derived (Gemma's 1 + weight folded into a LayerNorm weight), so only a real conversion is safe
+            derived = [k for k, v in converted.state_dict(keep_vars=True).items() if k in before and id(v) != before[k]]
+            if derived:
+                notes.append(f"spec {spec!r} makes {len(derived)} tensor(s) anew from their old values (e.g. "
+                             f"{derived[0]}): the model was converted in memory")
+            elif not folder:
                 keymap = map_keys(converted, ckpt.tensors, where=str(src))
         except NormSwapError as exc:
             if not isinstance(exc, CheckpointError):

@@ -74,6 +74,30 @@ class KeyMap:
         return not self.dropped and all(m.make is None and m.sources == (k,) for k, m in self.entries.items())
 
 
+def _hf_renamed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """``{name the model uses: checkpoint name}``: transformers v5 renames some checkpoint keys on load
+    (and back on save_pretrained); keys its tensor-level converters handle are left as they are."""
+    names = {k: k for k in tensors}
+    if not type(model).__module__.startswith("transformers.") or not hasattr(model, "config"):
+        return names
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers without conversion mappings, or a model it cannot map
+        return names
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    if not renamings:
+        return names
+    out = {}
+    for k in tensors:
+        new, converter = rename_source_key(k, renamings, converters)
+        out[new if converter is None else k] = k
+    return out
+
+
 def _split(name: str) -> tuple[str, str]:
     path, _, leaf = name.rpartition(".")
     return path, leaf
@@ -135,18 +159,19 @@ class _Mapper:
         self.counts: dict[str, list[str]] = {}
 
     def _prefixed(self, tensors: dict[str, TensorInfo]) -> dict[str, str]:
-        """Checkpoint names as the target sees them: HF's base-model prefix added or removed."""
+        """Checkpoint names as the target sees them: renamed as transformers renames them on load (v5
+        checkpoint conversion mappings), HF's base-model prefix added or removed."""
         prefix = getattr(self.model, "base_model_prefix", "") or ""
-        names = {k: k for k in tensors}
+        names = _hf_renamed(self.model, tensors)
         if not prefix or not tensors:
             return names
         p = prefix + "."
         target_has = any(k.startswith(p) for k in self.expected)
-        ckpt_has = any(k.startswith(p) for k in tensors)
+        ckpt_has = any(k.startswith(p) for k in names)
         if ckpt_has and not target_has:
-            return {(k[len(p):] if k.startswith(p) else k): k for k in tensors}
-        if target_has and not ckpt_has and not (set(tensors) & set(self.expected)):
-            return {p + k: k for k in tensors}
+            return {(k[len(p):] if k.startswith(p) else k): v for k, v in names.items()}
+        if target_has and not ckpt_has and not (set(names) & set(self.expected)):
+            return {p + k: v for k, v in names.items()}
         return names
 
     def note(self, kind: str, path: str) -> None:

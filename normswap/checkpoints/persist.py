@@ -76,12 +76,31 @@ def load_state_dict(model: nn.Module, source: PathLike | dict[str, torch.Tensor]
     """
     ckpt, owned = _open(source)
     try:
+        _refuse_folded(model, ckpt)
         keymap = map_keys(model, ckpt.tensors, where=str(ckpt.path))
         _load_mapped(model, ckpt, keymap)
         return LoadReport(str(ckpt.path), len(keymap.entries), list(keymap.dropped), list(keymap.notes))
     finally:
         if owned:
             ckpt.close()
+
+
+def _refuse_folded(model: nn.Module, ckpt: Checkpoint) -> None:
+    """A conversion that changed a parameter's value (Gemma's ``1 + weight`` folded into a LayerNorm weight)
+    cannot take that tensor from a checkpoint of the original model: the value would be the unfolded one."""
+    from ..engine import last_plan
+    from ..surgery import FOLDED
+
+    plan = last_plan(model)
+    if plan is None or (ckpt.record or {}).get("conversions"):
+        return
+    for change in plan.replaced:
+        if any(FOLDED in w for w in change.warnings) and f"{change.path}.weight" in ckpt.tensors:
+            raise CheckpointError(
+                f"{ckpt.path}: {change.path} was converted from a norm that scales by 1 + weight, and its weight "
+                "was folded; a checkpoint of the original model must be loaded before converting: "
+                "normswap.load(path, model=..., spec=...) or load into the original model, then convert. If this "
+                "state dict comes from the converted model itself, load it with model.load_state_dict(state)")
 
 
 def base_builder(ckpt: Checkpoint, model: str | None, model_kwargs: dict[str, Any]) -> Callable[..., nn.Module]:
