@@ -59,14 +59,11 @@ def make_source(model: str, path: pathlib.Path) -> tuple[int, int]:
     import torch
 
     from normswap.checkpoints.safetensors_io import OutputTensor, write_safetensors
+    from normswap.checkpoints.writing import unique_state
     from normswap.models import build_model
 
-    state = build_model(model, device="meta").state_dict()
-    seen, items = set(), []
-    for key, t in state.items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    items = []
+    for key, t in unique_state(build_model(model, device="meta")).items():
 
         def produce(t=t, key=key):
             if not t.dtype.is_floating_point:

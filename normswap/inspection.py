@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .adapters import read_norm
+from .checkpoints.sources import TensorInfo
 from .errors import CheckpointNotFoundError
 
 
@@ -100,23 +101,17 @@ def norm_rows(model: nn.Module) -> list[NormRow]:
     return rows
 
 
-def _summary(tensors: dict, top: int = 5) -> TensorSummary:
-    sizes = {k: (t.shape, str(t.dtype).removeprefix("torch."), t.dtype.itemsize * _numel(t.shape))
-             for k, t in tensors.items()}
-    largest = sorted(sizes.items(), key=lambda kv: -kv[1][2])[:top]
+def _summary(tensors: dict[str, TensorInfo], top: int = 5) -> TensorSummary:
+    def dtype(t: TensorInfo) -> str:
+        return str(t.dtype).removeprefix("torch.")
+
+    largest = sorted(tensors.items(), key=lambda kv: -kv[1].nbytes)[:top]
     return TensorSummary(
-        count=len(tensors), nbytes=sum(s[2] for s in sizes.values()),
-        numel=sum(_numel(t.shape) for t in tensors.values()),
-        dtypes=dict(Counter(s[1] for s in sizes.values())),
-        largest=[(k, tuple(s[0]), s[1], s[2]) for k, s in largest],
+        count=len(tensors), nbytes=sum(t.nbytes for t in tensors.values()),
+        numel=sum(t.numel for t in tensors.values()),
+        dtypes=dict(Counter(dtype(t) for t in tensors.values())),
+        largest=[(k, tuple(t.shape), dtype(t), t.nbytes) for k, t in largest],
     )
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def inspect(target: str | os.PathLike | nn.Module, *, model: str | None = None) -> Inspection:

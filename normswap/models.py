@@ -21,7 +21,8 @@ RECORD_KEY = "normswap"  # where a converted HF model's config keeps its convers
 RECORD_FORMAT = 1
 
 
-def _device(device: str | torch.device | None):
+def device_context(device: str | torch.device | None):
+    """``with device_context("meta"):`` builds modules there; ``None`` leaves torch's default."""
     return torch.device(device) if device is not None else contextlib.nullcontext()
 
 
@@ -73,7 +74,7 @@ def build_base(base: dict, *, device: str | torch.device | None = None) -> nn.Mo
         name, kwargs = base["timm"], dict(base.get("kwargs") or {})
         if name not in timm.list_models():
             raise OptionError(f"timm does not know the model {name!r}.{closest(name, timm.list_models())}")
-        with _device(device):
+        with device_context(device):
             try:
                 model = timm.create_model(name, pretrained=False, **kwargs)
             except TypeError as exc:
@@ -97,7 +98,7 @@ def _build_hf(config: Any, device: str | torch.device | None, where: str) -> nn.
     names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
     if hasattr(config, RECORD_KEY):
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != RECORD_KEY})
-    with _device(device):
+    with device_context(device):
         try:
             if names:
                 cls = getattr(transformers, names[0])

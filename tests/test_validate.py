@@ -106,6 +106,17 @@ class _Nan(nn.Module):
         return x * self.weight[:, None, None] / 0.0 * 0.0
 
 
+class _BatchMixing(nn.Module):
+    """Normalizes over the batch but is not a BatchNorm: the batch-independence check must catch it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.weight[:, None, None]
+
+
 @pytest.fixture
 def broken_specs():
     @normswap.register_spec("test_fake_preserving", sources=("batch",), preserves="yes",
@@ -121,8 +132,12 @@ def broken_specs():
     def nan(info):
         return _Nan(info.num_features)
 
+    @normswap.register_spec("test_batch_mixing", sources=("batch",), description="mixes the batch")
+    def mixing(info):
+        return _BatchMixing(info.num_features)
+
     yield
-    for name in ("test_fake_preserving", "test_unused_param", "test_nan"):
+    for name in ("test_fake_preserving", "test_unused_param", "test_nan", "test_batch_mixing"):
         normswap.unregister_spec(name)
 
 
@@ -141,6 +156,8 @@ def test_planted_bugs_fail_with_the_first_offending_module(broken_specs):
     report = validate(model, _convert(model, "test_nan"), x, checks=["finite"])
     assert [r.module for r in report.failed] == ["1", "1"]
     assert json.loads(report.to_json())["passed"] is False
+    report = validate(model, _convert(model, "test_batch_mixing"), x, checks=["batch_independence"])
+    assert report.failed[0].check == "batch independence" and report.failed[0].module == "1"
 
 
 def test_cli_exit_codes_and_json(broken_specs, capsys):

@@ -68,11 +68,6 @@ class KeyMap:
         """Bytes of the tensors written from this map (tied keys once)."""
         return sum(m.dtype.itemsize * math.prod(m.shape) for k, m in self.entries.items() if k not in self.aliases)
 
-    @property
-    def exact(self) -> bool:
-        """Whether every key is copied as it is, with nothing dropped (the checkpoint fits as saved)."""
-        return not self.dropped and all(m.make is None and m.sources == (k,) for k, m in self.entries.items())
-
 
 def _hf_renamed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, str]:
     """``{name the model uses: checkpoint name}``: transformers v5 renames some checkpoint keys on load

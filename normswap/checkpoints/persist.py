@@ -144,15 +144,14 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
         else:
             base = base_builder(ckpt, model, dict(model_kwargs or {}))()
         built = replay(base, recorded_conversions(ckpt))
-        keymap = map_keys(built, ckpt.tensors, where=str(ckpt.path))
-        _load_mapped(built, ckpt, keymap)
+        report = load_state_dict(built, ckpt)
     if spec is not None:
         built = convert(built, spec, inplace=True, **options)
     elif options:
         raise OptionError(f"options {sorted(options)} were given without spec=; they are a spec's options")
     plan = last_plan(built)
     if plan is not None:
-        plan.warnings.extend(f"checkpoint {path}: {n}" for n in keymap.notes)
+        plan.warnings.extend(f"checkpoint {path}: {n}" for n in report.notes)
     return built
 
 

@@ -9,6 +9,7 @@ read only with ``torch.load(weights_only=True)``: a file that would import or ca
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -37,6 +38,14 @@ class TensorInfo:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 class Checkpoint(ABC):
@@ -77,14 +86,7 @@ class Checkpoint(ABC):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.dtype.itemsize * _numel(t.shape) for t in self.tensors.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(t.nbytes for t in self.tensors.values())
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -4,14 +4,13 @@ learning-rate schedule (``cosine``, ``linear``, ``constant``, each with linear w
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models import build_base, build_model
+from ..models import build_base, build_model, device_context
 from .components import register_component, resolve, split_node
 from .data import DataBundle
 
@@ -54,7 +53,7 @@ def build_recipe_model(node: dict[str, Any], *, device: str | None = None, num_c
         return build_base({"hf": args["architecture"], "config": config}, device=device)
     if name == "hf_folder":
         return build_model(args["path"], device=device)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+    with device_context(device):
         return resolve("model", name)(**args)
 
 

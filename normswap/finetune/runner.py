@@ -127,7 +127,7 @@ class _Run:
         torch.manual_seed(seed)  # the same initial weights on every rank
         model = build_recipe_model(cfg["model"], num_classes=self.data.num_classes)
         if cfg["init_from"]:
-            self.init_notes = load_state_dict(model, cfg["init_from"]).notes
+            load_state_dict(model, cfg["init_from"])
         conv = cfg["convert"] or {}
         if conv.get("spec"):
             from ..engine import convert

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,8 +75,6 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     param = next(iter(model.parameters()), None)
     if param is None or param.device == device:
         return model
-    import copy
-
     return copy.deepcopy(model).to(device)
 
 
