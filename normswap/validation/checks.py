@@ -290,13 +290,16 @@ def check_batch_independence(report: ValidationReport, converted: nn.Module, inp
         first = _first_sample(inputs, batch)
         alone = _run(model, first)
     diff = _rel_diff(full, alone)
-    tol = tolerance(dtype)
+    # a batch of one may take other conv / matmul algorithms than a batch of several: rounding-level
+    # differences, which a deep model amplifies as much as it amplifies weights moved by a few ulp
+    tol = max(tolerance(dtype), 10 * _noise_floor(model, first, alone, dtype))
     if diff > tol:
-        report.add("batch independence", "fail", f"sample 0 changes with its batch mates in train mode by {diff:.3g}",
+        report.add("batch independence", "fail", f"sample 0 changes with its batch mates in train mode by {diff:.3g} > {tol:.2g}",
                    first_divergent(model, model, inputs, tol, first), diff)
     else:
         report.add("batch independence", "pass", f"train-mode output of a sample does not depend on its batch "
-                   f"({diff:.2g})", value=diff)
+                   f"({diff:.2g} <= {tol:.2g}: dtype tolerance, or 10x the output change from weights moved by 4 ulp)",
+                   value=diff)
 
 
 def _layers_to_check(model: nn.Module) -> dict[str, nn.Module]:
