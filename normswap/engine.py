@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import NormInfo, read_norm
+from .adapters import NormInfo, norm_family, read_norm
 from .errors import ConversionError, NormSwapError
 from .graph import find_relations
 from .models import RECORD_FORMAT, RECORD_KEY
@@ -35,6 +35,11 @@ class _Norm:
     module: nn.Module
     info: NormInfo | None
     reason: str | None
+
+    @property
+    def family(self) -> str | None:
+        """The norm family (``batch``, ``layer``, ...); ``None`` for an unreadable norm nothing names."""
+        return self.info.kind if self.info is not None else norm_family(self.module)
 
 
 def _split_options(options: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
@@ -87,6 +92,8 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
     matched_include = False
     for item in norms:
         old = _type_name(item.module)
+        if item.family is not None and item.family not in spec.sources:
+            continue  # a norm of another family: not this spec's business, so not a row (nor a skip) of its plan
         if not selected(item.paths, include, exclude):
             plan.changes.append(Change(item.paths[0], "skip", old, reason="not selected by include/exclude",
                                        also_at=tuple(item.paths[1:])))
@@ -101,6 +108,8 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
             plan.changes.append(Change(item.paths[0], "skip", old, reason=reason, also_at=tuple(item.paths[1:])))
             continue
         new_type, notes = _describe(spec, item, options)
+        if item.info.identified:
+            notes.insert(0, f"identified by probing: {item.info.identified}")
         conv_paths: list[str] = []
         if ws is not None:
             for path in item.paths:
@@ -114,6 +123,9 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
                         conv_paths.append(conv_path)
                 if path in rel.by_module_order:
                     notes.append("conv feeding it found by module order (its enclosing module does not trace)")
+                elif path in rel.unresolved:
+                    notes.append("no traced graph shows what feeds it (its enclosing module does not trace) and no "
+                                 "conv precedes it in its parent: a conv feeding it, if any, is not standardized")
         plan.changes.append(Change(item.paths[0], "replace", old, new_type, carried=_carried_names(item.info),
                                    convs_standardized=tuple(conv_paths), warnings=tuple(notes),
                                    also_at=tuple(item.paths[1:])))
@@ -219,8 +231,8 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
     plan_ = _analyze(model, spec_obj, opts, include, exclude)
     target = model if inplace else copy.deepcopy(model)
     if len(plan_) == 0:
-        warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in "
-                      f"{type(model).__name__} ({len(plan_.skipped)} modules skipped); the model is unchanged",
+        warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in {type(model).__name__}: "
+                      f"{_nothing_reason(spec_obj, plan_)}; the model is unchanged",
                       NothingToConvertWarning, stacklevel=2)
         target.__dict__["_normswap_plan"] = plan_
         return target
@@ -229,6 +241,14 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
     target.__dict__.setdefault("_normswap_history", []).append({"spec": spec_obj.name, "options": plan_.options})
     _record_in_hf_config(target)
     return target
+
+
+def _nothing_reason(spec: Spec, plan_: Plan) -> str:
+    family = "/".join(spec.sources) or "conv or linear"
+    what = f"{family} norm" if spec.sources else "conv or linear layer"
+    if not plan_.changes:
+        return f"it holds no {what} the spec takes"
+    return f"all {len(plan_.skipped)} {what}s skipped (see normswap.last_plan(model) for why)"
 
 
 def _record_in_hf_config(model: nn.Module) -> None:

@@ -8,6 +8,7 @@ A *base description* is a small JSON-able dict: ``{"timm": NAME, "kwargs": {...}
 from __future__ import annotations
 
 import contextlib
+import importlib
 import pathlib
 from typing import Any
 
@@ -93,15 +94,31 @@ def build_base(base: dict, *, device: str | torch.device | None = None) -> nn.Mo
     raise NormSwapError(f"unknown base description {sorted(base)}: expected a 'timm' or 'hf' entry")
 
 
+def _hf_class(config: Any, name: str) -> type | None:
+    """The transformers class ``name`` from the library itself: its top level, or the modeling module of the
+    config's own model package (sub-models such as a CLIP text tower are not exported at the top level).
+    Never a class from a folder's own code."""
+    transformers = _transformers()
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        package, _, stem = type(config).__module__.rpartition(".configuration_")
+        if package.startswith("transformers.models."):
+            try:
+                cls = getattr(importlib.import_module(f"{package}.modeling_{stem}"), name, None)
+            except ImportError:
+                cls = None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
 def _build_hf(config: Any, device: str | torch.device | None, where: str) -> nn.Module:
     transformers = _transformers()
-    names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+    classes = [c for c in (_hf_class(config, n) for n in getattr(config, "architectures", None) or []) if c]
     if hasattr(config, RECORD_KEY):
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != RECORD_KEY})
     with device_context(device):
         try:
-            if names:
-                cls = getattr(transformers, names[0])
+            if classes:
+                cls = classes[0]
                 return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
             return transformers.AutoModel.from_config(config)
         except ValueError as exc:

@@ -488,3 +488,30 @@ def test_original_checkpoint_into_a_folded_conversion_is_refused():
     converted = normswap.convert(original, "ln")
     with pytest.raises(normswap.CheckpointError, match="scales by 1 \\+ weight"):
         normswap.load_state_dict(converted, original.state_dict())
+
+
+def test_folders_transformers_converts_on_load_load_and_convert(tmp_path):
+    """transformers 5 saves a MoE model one tensor per expert and fuses them when loading: normswap reads
+    the folder the way from_pretrained does, unconverted or converted, through load and convert_checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, intermediate_size=37,
+                                         moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    original = randomize(transformers.Qwen3MoeForCausalLM(config)).eval()
+    original.save_pretrained(tmp_path / "moe")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "moe" / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.0.gate_proj.weight" in f.keys()  # the saved layout differs
+    ids = torch.tensor([[1, 5, 7, 9], [3, 4, 2, 8]])
+    reference = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(normswap.load(tmp_path / "moe").eval()(ids).logits, expected, rtol=0, atol=0)
+        converted = normswap.convert(reference, "ln").eval()
+        converted.save_pretrained(tmp_path / "moe-ln")
+        torch.testing.assert_close(normswap.load(tmp_path / "moe-ln").eval()(ids).logits, converted(ids).logits,
+                                   rtol=0, atol=0)
+        for out in (tmp_path / "moe.safetensors", tmp_path / "moe-ln-folder"):
+            normswap.convert_checkpoint(tmp_path / "moe", out, "ln")
+            torch.testing.assert_close(normswap.load(out).eval()(ids).logits, converted(ids).logits, rtol=0, atol=0)

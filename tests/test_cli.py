@@ -1,20 +1,18 @@
-"""The real `normswap` console script, run in a subprocess."""
+"""The `normswap` command line: the real console script once per subcommand (a subprocess), the rest
+through ``cli.main`` in this process, with file descriptors 1 and 2 captured."""
 
-import shutil
-import subprocess
-import sys
+import pathlib
 
 import pytest
 import torch
 
 import normswap
+from cli_helpers import EXE, console, in_process
 
-EXE = shutil.which("normswap")
 
-
-def run(*args):
-    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "normswap.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run(capfd):
+    return lambda *args: in_process(capfd, *args)
 
 
 def test_console_script_is_installed():
@@ -22,24 +20,24 @@ def test_console_script_is_installed():
 
 
 def test_list_prints_one_line_per_spec():
-    res = run("list")
+    res = console("list")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(normswap.list_specs())
 
 
-def test_list_verbose_shows_options():
+def test_list_verbose_shows_options(run):
     res = run("list", "--verbose")
     assert res.returncode == 0 and "--set groups=<int | None>" in res.stdout
 
 
 def test_plan_timm_model():
-    res = run("plan", "--model", "timm:resnet18", "--spec", "gn_ws", "--set", "groups=16")
+    res = console("plan", "--model", "timm:resnet18", "--spec", "gn_ws", "--set", "groups=16")
     assert res.returncode == 0, res.stderr
     assert "layer1.0.bn1" in res.stdout and "GroupNorm" in res.stdout and "layer1.0.conv1" in res.stdout
 
 
-def test_plan_hf_config_folder(tmp_path):
+def test_plan_hf_config_folder(tmp_path, run):
     transformers = pytest.importorskip("transformers")
     transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=37).save_pretrained(tmp_path)
@@ -48,7 +46,7 @@ def test_plan_hf_config_folder(tmp_path):
     assert "embeddings.LayerNorm" in res.stdout and "RMSNorm" in res.stdout
 
 
-def test_bad_usage_exit_code_and_message():
+def test_bad_usage_exit_code_and_message(run):
     res = run("plan", "--model", "timm:resnet18", "--spec", "gn_wz")
     assert res.returncode == 2 and "Did you mean 'gn_ws'" in res.stderr and "Traceback" not in res.stderr
     res = run("plan", "--model", "timm:resnet_does_not_exist", "--spec", "gn")
@@ -70,10 +68,10 @@ def r18_pth(tmp_path_factory):
     return model, path
 
 
-def test_convert_through_the_console_script_and_load_back(r18_pth, tmp_path):
+def test_convert_through_the_console_script_and_load_back(r18_pth, tmp_path, run):
     model, src = r18_pth
     out = tmp_path / "out" / "gn_ws.safetensors"
-    res = run("convert", str(src), "--model", "timm:test_resnet", "--model-arg", "num_classes=10",
+    res = console("convert", str(src), "--model", "timm:test_resnet", "--model-arg", "num_classes=10",
               "--spec", "gn_ws", "--set", "groups=8", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and "norms replaced" in res.stdout and "running statistics" in res.stdout
@@ -93,7 +91,7 @@ def test_convert_through_the_console_script_and_load_back(r18_pth, tmp_path):
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
 
 
-def test_convert_hf_folder_to_folder(tmp_path):
+def test_convert_hf_folder_to_folder(tmp_path, run):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=37)
@@ -109,7 +107,7 @@ def test_convert_hf_folder_to_folder(tmp_path):
                                    rtol=0, atol=0)
 
 
-def test_convert_exit_codes_for_bad_input(r18_pth, tmp_path):
+def test_convert_exit_codes_for_bad_input(r18_pth, tmp_path, run):
     model, src = r18_pth
     out = str(tmp_path / "o.safetensors")
     res = run("convert", str(tmp_path / "missing.pth"), "--model", "timm:test_resnet", "--spec", "gn", "--out", out)
@@ -127,21 +125,28 @@ def test_convert_exit_codes_for_bad_input(r18_pth, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_convert_refuses_malicious_pickle_through_the_console_script(tmp_path):
+class _Touch:
+    """Pickled, it would call ``pathlib.Path.touch`` on load: a file that runs code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_convert_refuses_malicious_pickle(tmp_path, run):
     marker = tmp_path / "pwned"
     payload = tmp_path / "evil.pt"
-    script = (f"import pathlib, torch\n"
-              f"class P:\n    def __reduce__(self):\n        return (pathlib.Path.touch, (pathlib.Path({str(marker)!r}),))\n"
-              f"torch.save({{'w': torch.ones(2), 'p': P()}}, {str(payload)!r})\n")
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    torch.save({"w": torch.ones(2), "p": _Touch(marker)}, payload)
     res = run("convert", str(payload), "--model", "timm:test_resnet", "--spec", "gn",
               "--out", str(tmp_path / "o.safetensors"))
     assert res.returncode == 1 and "refused" in res.stderr and "weights_only=True" in res.stderr
     assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
 
 
-def test_inspect_a_model_name_and_help_documents_exit_codes():
-    res = run("inspect", "timm:test_efficientnet")
+def test_inspect_a_model_name_and_help_documents_exit_codes(run):
+    res = console("inspect", "timm:test_efficientnet")
     assert res.returncode == 0 and "BatchNormAct2d" in res.stdout and "SiLU" in res.stdout
     res = run("convert", "--help")
     assert res.returncode == 0 and "exit codes: 0 ok, 1 failure" in res.stdout

@@ -4,7 +4,6 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,13 +13,13 @@ import normswap
 from normswap.finetune import RecipeError, finetune, load_config
 from normswap.finetune import runner as runner_mod
 from normswap.finetune import state as state_mod
+from cli_helpers import console, in_process
 
 pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-EXE = shutil.which("normswap")
 TINY_IMAGE = ["data=builtin", "model.name=test_resnet", "data.train_size=64", "data.val_size=32", "batch_size=4",
               "log_every=1", "plot=false"]
 TINY_TEXT = ["data=builtin", "data.train_size=64", "data.val_size=32", "batch_size=4", "log_every=1", "plot=false",
@@ -217,6 +216,7 @@ def test_regularized_recipe_logs_penalty(tmp_path):
 # ------------------------------------------------------------------------------------- processes and CLI
 
 
+@pytest.mark.long
 def test_torchrun_two_processes_gloo_end_with_identical_weights(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
@@ -234,6 +234,7 @@ def test_torchrun_two_processes_gloo_end_with_identical_weights(tmp_path):
     assert (out / "checkpoints/step_0000004/model.safetensors").is_file()
 
 
+@pytest.mark.long
 def test_torchrun_fsdp_matches_ddp(tmp_path):
     """FSDP (fully_shard) on 2 gloo processes trains to the weights DDP reaches (up to reduction order)."""
     torchrun = shutil.which("torchrun")
@@ -255,16 +256,13 @@ def test_torchrun_fsdp_matches_ddp(tmp_path):
         load_config(ROOT / "recipes/gn_ws_resnet_microbatch.yaml", ["distributed=fsdp"])
 
 
-def test_cli_finetune_validate_only_and_errors(tmp_path):
-    cmd = [EXE] if EXE else [sys.executable, "-m", "normswap.cli"]
+def test_cli_finetune_validate_only_and_errors(tmp_path, capfd):
     recipe = str(ROOT / "recipes/gn_ws_resnet_microbatch.yaml")
-    res = subprocess.run([*cmd, "finetune", recipe, "--validate-only"], capture_output=True, text=True, timeout=300)
+    res = in_process(capfd, "finetune", recipe, "--validate-only")
     assert res.returncode == 0 and "valid" in res.stdout
-    res = subprocess.run([*cmd, "finetune", recipe, "--validate-only", "optimizer.lrr=1", "max_steps=-1"],
-                         capture_output=True, text=True, timeout=300)
+    res = in_process(capfd, "finetune", recipe, "--validate-only", "optimizer.lrr=1", "max_steps=-1")
     assert res.returncode == 2 and "2 problem(s)" in res.stderr and "optimizer.lrr" in res.stderr
-    res = subprocess.run([*cmd, "finetune", recipe, *TINY_IMAGE, f"output_dir={tmp_path / 'cli'}", "max_steps=2",
-                          "--quiet"], capture_output=True, text=True, timeout=300)
+    res = console("finetune", recipe, *TINY_IMAGE, f"output_dir={tmp_path / 'cli'}", "max_steps=2", "--quiet")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "cli/metrics.jsonl").is_file()
 
@@ -322,6 +320,7 @@ def test_init_from_a_checkpoint_of_the_original_model(tmp_path):
     assert torch.equal(loaded.bn1.weight, base.bn1.weight)
 
 
+@pytest.mark.long
 def test_compile_option_trains_like_eager(tmp_path):
     eager = image_run(tmp_path, "max_steps=2", "eval_batches=1", name="eager")
     compiled = image_run(tmp_path, "max_steps=2", "eval_batches=1", "compile=true", name="compiled")

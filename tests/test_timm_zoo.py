@@ -26,21 +26,35 @@ LN = _with("layer")
 KNOWN_FAILURES: dict[str, str] = {}
 
 
-def _param(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True))
-            if n in KNOWN_FAILURES else n for n in names]
+FAST_BN, FAST_LN = 12, 2  # of each sample, the first ones run in the fast suite, the rest under -m long
+
+
+def _param(names, fast=None):
+    """``names`` as parameters: known failures xfail; all but the first ``fast`` are marked ``long``."""
+    out = []
+    for i, n in enumerate(names):
+        marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True)] if n in KNOWN_FAILURES else []
+        if fast is not None and i >= fast:
+            marks.append(pytest.mark.long)
+        out.append(pytest.param(n, marks=marks))
+    return out
+
+
+def _spread(names: list[str]) -> list[str]:
+    """The sample reordered so that any prefix of it is itself a sample (every k-th name first)."""
+    return [n for start in range(4) for n in names[start::4]]
 
 
 def test_index_covers_the_zoo():
     assert len(BN) >= 300 and len(LN) >= 200, "regenerate tests/data/timm_norms.json"
 
 
-@pytest.mark.parametrize("name", _param(sample(_with("batch", CI_MAX_PARAMS), SAMPLE)))
+@pytest.mark.parametrize("name", _param(_spread(sample(_with("batch", CI_MAX_PARAMS), SAMPLE)), FAST_BN))
 def test_gn_ws_sample(name):
     assert check_timm(name, "gn_ws", "batch") == "ok"
 
 
-@pytest.mark.parametrize("name", _param(sample(_with("layer", CI_MAX_PARAMS), 8)))
+@pytest.mark.parametrize("name", _param(_spread(sample(_with("layer", CI_MAX_PARAMS), 8)), FAST_LN))
 @pytest.mark.parametrize("spec", ["rms", "bert_ln"])
 def test_layer_norm_specs_sample(name, spec):
     assert check_timm(name, spec, "layer") == "ok"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import normswap
+from conversion_checks import formula_errors, unplanned_norms, unstandardized_feeds
 from zoo_checks import check_batch_independence, check_forward_backward
 
 SEED = 20261126
@@ -46,6 +47,26 @@ def build(name: str) -> nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
+def build_small(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """``name`` and its input size; a model whose input size is fixed (ViTs' position embeddings) is built for
+    a smaller image (``img_size=``) when it takes one and runs on it, which the norms do not care about."""
+    model = build(name)
+    c, h, w = input_size(model)
+    if max(h, w) <= MAX_SIDE:
+        return model, (c, h, w)
+    for side in (MAX_SIDE, 128, 192):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                small = timm.create_model(name, pretrained=False, img_size=side)
+            with torch.no_grad():
+                small.eval()(torch.randn(1, c, side, side))
+            return small, (c, side, side)
+        except Exception:  # noqa: BLE001 - no img_size argument, or a size its windows do not fit
+            continue
+    return model, (c, h, w)
+
+
 def sample(names: list[str], k: int = SAMPLE) -> list[str]:
     rng = random.Random(SEED)
     return sorted(rng.sample(names, min(k, len(names))))
@@ -60,17 +81,29 @@ def has_norm_cheap(name: str, kind: str) -> bool:
         return has_norm(build(name), kind)
 
 
-def check_timm(name: str, spec: str, kind: str) -> str:
-    """Convert timm ``name`` with ``spec`` and run the zoo checks; returns 'ok' or 'no-norm'."""
+def check_timm(name: str, spec: str, kind: str, small: bool = False) -> str:
+    """Convert timm ``name`` with ``spec`` and run the zoo checks; returns 'ok' or 'no-norm'. ``small`` builds
+    models of a fixed input size for a smaller one where they allow it (the sweeps)."""
     if not has_norm_cheap(name, kind):
         return "no-norm"
-    model = build(name)
+    model, (c, h, w) = build_small(name) if small else (build(name), (None, None, None))
+    plan = normswap.plan(model, spec)
+    missing = unplanned_norms(model, plan, spec)
+    assert not missing, f"{len(missing)} {kind} norm(s) without a plan row: {missing[:5]}"
     model = normswap.convert(model, spec, inplace=True)
     assert not has_norm(model, kind) or kind != "batch" or _left(model) == [], f"BatchNorm left: {_left(model)[:5]}"
-    c, h, w = input_size(model)
+    if c is None:
+        c, h, w = input_size(model)
     torch.manual_seed(0)
     x = torch.randn(2, c, h, w)
     other = torch.randn(2, c, h, w)
+    plan = normswap.last_plan(model)
+    run = lambda m, inputs: m(**inputs)  # noqa: E731
+    bad = formula_errors(model, plan, {"x": x}, run)
+    assert not bad, f"{len(bad)} converted module(s) off their formula: {bad[:3]}"
+    if kind == "batch":
+        bad = unstandardized_feeds(model, plan, {"x": x}, run)
+        assert not bad, f"{len(bad)} conv(s) feeding converted norms: {bad[:3]}"
     check_forward_backward(model, {"x": x}, train=True)
     check_forward_backward(model, {"x": x}, train=False)
     if kind == "batch":

@@ -49,6 +49,7 @@ class NormInfo:
     act: nn.Module | None = None
     drop: nn.Module | None = None
     adapter: str = ""
+    identified: str = ""  # what probing found the module to compute (empty for modules a known adapter read)
     notes: list[str] = field(default_factory=list)
 
     def reference_tensor(self, module: nn.Module) -> torch.Tensor | None:
@@ -150,12 +151,68 @@ def read_norm(module: nn.Module) -> tuple[NormInfo | None, str | None]:
     else:
         adapter, reason = find_adapter(module)
     if adapter is None:
-        return None, reason
+        return _probe(module, reason)
     try:
         info = adapter.read(module)
     except Unsupported as exc:
-        return None, str(exc)
+        return _probe(module, str(exc))
     info.adapter = adapter.name
     if isinstance(module, _ActDropMixin):
         info.act, info.drop = module.act, module.drop
     return info, None
+
+
+def _probe(module: nn.Module, reason: str | None) -> tuple[NormInfo | None, str | None]:
+    """No adapter read ``module`` (``reason`` says why, when it is a norm normswap knows of): identify it by
+    what it computes, when it looks like a norm."""
+    from .probe import NotANorm, Unidentified, identify, looks_like_norm, name_family, probed_info
+
+    try:
+        if reason is None and not looks_like_norm(module):
+            return None, None
+        info = probed_info(module, identify(module))
+    except NotANorm:
+        return None, reason
+    except Exception as exc:  # noqa: BLE001 - user code broke the probe itself (lazy parameters, odd state)
+        if reason is None and name_family(type(module)) is None:
+            return None, None
+        exc = Unidentified(f"probing it failed ({type(exc).__name__}: {str(exc)[:150]})")
+        return _unidentified(module, reason, exc)
+    except Unidentified as exc:
+        return _unidentified(module, reason, exc)
+    info.adapter = "probe"
+    return info, None
+
+
+def _unidentified(module: nn.Module, reason: str | None, exc: Exception) -> tuple[None, str | None]:
+    from .probe import calls_norm_function
+
+    if reason is None and calls_norm_function(type(module)):
+        return None, None  # not a norm to replace whole: its functional norm calls are found and rewritten
+    if reason is not None:
+        return None, f"{reason}; probing did not identify it either: {exc}"
+    cls = type(module)
+    return None, (f"{cls.__name__} looks like a norm, but {exc}; register an adapter for {qualname(cls)!r} "
+                  "or exclude it")
+
+
+def norm_family(module: nn.Module) -> str | None:
+    """The family (``"batch"``, ``"layer"``, ...) of a norm :func:`read_norm` could not read: its known base
+    class's, else the one its class name announces; ``None`` when nothing says.
+
+    Example:
+        >>> class GatedRMSNorm(nn.Module):
+        ...     def forward(self, x, gate): return x
+        >>> norm_family(GatedRMSNorm())
+        'rms'
+    """
+    from .probe import name_family
+
+    for base in type(module).__mro__:
+        adapter = _BY_CLASS.get(qualname(base))
+        if adapter is not None:
+            try:
+                return adapter.read(module).kind
+            except Exception:  # noqa: BLE001 - the base's reader does not fit this subclass; fall back to the name
+                break
+    return name_family(type(module))

@@ -193,6 +193,12 @@ def read_hf_rms_norm(m: nn.Module) -> NormInfo:
     return _read_rms(m, channels_first=False, eps=_hf_eps(m), weight_offset=offset)
 
 
+@register_adapter("normswap.norms.unsized.UnsizedNorm")
+def read_unsized_norm(m: nn.Module) -> NormInfo:
+    return NormInfo(kind="layer" if m.kind == "bert" else m.kind, num_features=0, eps=m.eps,
+                    channels_first=m.channels_first, variant="bert" if m.kind == "bert" else "")
+
+
 @register_adapter(
     "torch.nn.modules.normalization.GroupNorm", "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1",
     "timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act",

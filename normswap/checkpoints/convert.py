@@ -21,6 +21,7 @@ from ..progress import Progress
 from ..report import Plan
 from ..specs import get_spec
 from .atomic import atomic_output, check_destination
+from .hf_layout import in_model_layout
 from .keymap import map_keys
 from .persist import _load_mapped, base_builder, recorded_conversions
 from .record import make_record, replay
@@ -87,13 +88,14 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         raise OptionError(f"{out}: normswap writes .safetensors files or HF folders, not pickles")
     get_spec(spec)  # an unknown spec fails before any file is read
     folder = is_folder_output(out)
-    with open_checkpoint(src) as ckpt:
-        inputs = [src, *ckpt.files]
+    with open_checkpoint(src) as opened:
+        inputs = [src, *opened.files]
         check_destination(out, force=force, inputs=inputs)
-        build = base_builder(ckpt, model, dict(model_kwargs or {}))
-        conversions = recorded_conversions(ckpt)
+        build = base_builder(opened, model, dict(model_kwargs or {}))
+        conversions = recorded_conversions(opened)
         notes: list[str] = []
         skeleton = _skeleton(build, conversions, notes)
+        ckpt = in_model_layout(skeleton, opened)  # tensors transformers would convert on load, converted
         base_map = map_keys(skeleton, ckpt.tensors, where=str(src))  # the checkpoint fits its model
         notes += base_map.notes
         keymap = None

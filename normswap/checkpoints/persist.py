@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CheckpointError, OptionError
 from ..models import build_base, build_model
 from .atomic import atomic_output
+from .hf_layout import in_model_layout
 from .keymap import KeyMap, map_keys
 from .record import check_record, make_record, replay
 from .sources import Checkpoint, StateDictCheckpoint, open_checkpoint
@@ -77,6 +78,7 @@ def load_state_dict(model: nn.Module, source: PathLike | dict[str, torch.Tensor]
     ckpt, owned = _open(source)
     try:
         _refuse_folded(model, ckpt)
+        ckpt = in_model_layout(model, ckpt)
         keymap = map_keys(model, ckpt.tensors, where=str(ckpt.path))
         _load_mapped(model, ckpt, keymap)
         return LoadReport(str(ckpt.path), len(keymap.entries), list(keymap.dropped), list(keymap.notes))

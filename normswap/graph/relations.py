@@ -50,6 +50,7 @@ class Relations:
 
     feeds: dict[str, list[str]] = field(default_factory=dict)  # norm path -> conv paths feeding it
     by_module_order: set[str] = field(default_factory=set)  # norm paths whose feed came from module order
+    unresolved: set[str] = field(default_factory=set)  # norm paths no graph calls and module order did not place
     functional: list[FunctionalCall] = field(default_factory=list)
     trace: TraceResult = field(default_factory=TraceResult)
 
@@ -111,18 +112,33 @@ def find_relations(model: nn.Module, norms: dict[str, nn.Module], convs: dict[st
     return rel
 
 
+def _last_conv(path: str, module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The conv whose output leaves ``module``: itself, or the last conv of a ``Sequential`` after which only
+    pass-through modules (padding, identity, dropout) follow."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return path, module
+    if isinstance(module, nn.Sequential):
+        for name, child in reversed(list(module.named_children())):
+            if not isinstance(child, _PASS_MODULES):
+                return _last_conv(_join(path, name), child)
+    return None
+
+
 def _module_order_fallback(model: nn.Module, norms: dict[str, nn.Module], unseen: set[int], rel: Relations) -> None:
+    """Norms no graph calls: the conv registered just before them in the same parent, when its output
+    channels match (a ``Sequential`` ending in a conv counts); the others are ``unresolved``."""
     if not unseen:
         return
     for parent_path, parent in model.named_modules(remove_duplicate=False):
         previous: tuple[str, nn.Module] | None = None
         for name, child in parent.named_children():
             path = _join(parent_path, name)
-            if id(child) in unseen and previous is not None:
-                conv_path, conv = previous
+            if id(child) in unseen:
                 features = getattr(child, "num_features", None) or getattr(getattr(child, "weight", None),
                                                                            "shape", [None])[0]
-                if conv.out_channels == features:
-                    rel.feeds.setdefault(path, []).append(conv_path)
+                if previous is not None and previous[1].out_channels == features:
+                    rel.feeds.setdefault(path, []).append(previous[0])
                     rel.by_module_order.add(path)
-            previous = (path, child) if isinstance(child, nn.modules.conv._ConvNd) else None
+                else:
+                    rel.unresolved.add(path)
+            previous = _last_conv(path, child)

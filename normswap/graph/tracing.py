@@ -20,6 +20,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..adapters import calls_norm_function
+
 
 @dataclass
 class Region:
@@ -109,10 +111,11 @@ def trace_regions(model: nn.Module, leaves: Iterable[nn.Module]) -> TraceResult:
     result = TraceResult()
 
     def visit(path: str, module: nn.Module) -> None:
-        if id(module) in leaf_ids or isinstance(module, leaf_types):
+        # a module timm marks as not traceable is a leaf inside its parent's graph, but is tried on its own
+        if id(module) in leaf_ids or isinstance(module, nn.modules.conv._ConvNd):
             return
         children = list(module.named_children())
-        if not children:
+        if not children and not calls_norm_function(type(module)):
             return
         graph, specialized, error = _try_trace(tracer_args, module)
         if graph is not None:

@@ -12,6 +12,7 @@ from torch import nn
 from ..adapters.base import NormInfo
 from ..errors import OptionError
 from ..norms.channel_layer_norm import ChannelLayerNorm
+from ..norms.unsized import UnsizedNorm
 from .base import WSConfig, register_spec
 from .groups import choose_groups
 
@@ -116,6 +117,8 @@ def layer_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
     RMSNorm it replaces otherwise (with a bias only where the RMSNorm had one)."""
     eps = info.eps if eps is None else eps
     affine = info.weight is not None
+    if not info.normalized_shape:  # no parameters and no recorded size: normalize whatever size comes in
+        return UnsizedNorm("layer", eps, channels_first=info.channels_first)
     if info.kind == "batch" or info.channels_first:
         return ChannelLayerNorm(info.num_features, eps=eps, affine=affine,
                                 bias=info.kind == "batch" or info.bias is not None)
@@ -166,13 +169,15 @@ def rms(info: NormInfo, *, eps: float | None = None, bias: bool = True) -> nn.Mo
     eps = info.eps if eps is None else eps
     keep_bias = bias and info.bias is not None
     affine = info.weight is not None
+    if not info.normalized_shape:
+        return UnsizedNorm("rms", eps, channels_first=info.channels_first)
     if info.channels_first:
         return RMSNorm2d(info.num_features, eps=eps, elementwise_affine=affine, bias=keep_bias)
     return RMSNorm(info.normalized_shape, eps=eps, elementwise_affine=affine, bias=keep_bias)
 
 
 def _bert_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
-    if info.num_features < 2:
+    if info.normalized_shape and info.num_features < 2:
         return "normalizes a single value: the unbiased std of one value is undefined"
     return "already a BERT LayerNorm" if info.variant == "bert" else None
 
@@ -194,6 +199,8 @@ def bert_ln(info: NormInfo, *, eps: float = 1e-6) -> nn.Module:
     from ..norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
 
     affine = info.weight is not None
+    if not info.normalized_shape:
+        return UnsizedNorm("bert", eps, channels_first=info.channels_first)
     if info.channels_first:
         return BertLayerNorm2d(info.num_features, eps=eps, elementwise_affine=affine, bias=info.bias is not None)
     return BertLayerNorm(info.normalized_shape, eps=eps, elementwise_affine=affine, bias=info.bias is not None)
