@@ -224,12 +224,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NormSwapError as exc:
         print(f"normswap: error: {exc}", file=sys.stderr)
         return 2 if _usage_error(exc) else 1
+    except BrokenPipeError:  # `normswap inspect ... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 0
     except OSError as exc:  # disk full, permission denied on the output...
         print(f"normswap: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("normswap: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into the closed pipe raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file descriptor (captured): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ calls -> the spec builds each replacement -> the surgery swaps it in place -> th
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from .adapters import NormInfo, norm_family, read_norm
 from .errors import ConversionError, NormSwapError
-from .graph import find_relations
+from .graph import FUNCTIONAL_FAMILY, FunctionalCall, find_relations
 from .models import RECORD_FORMAT, RECORD_KEY
 from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan
@@ -136,15 +137,18 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
             standardized.add(id(conv))
             plan.changes.append(Change(path, "standardize", _type_name(conv), "Std" + _type_name(conv)))
     for call in rel.functional:
-        if not selected([call.module_path], include, exclude):
-            continue
+        if FUNCTIONAL_FAMILY[call.norm] not in spec.sources or not selected([call.module_path], include, exclude):
+            continue  # a functional norm of another family is not this spec's business
         where = call.module_path or "<root>"
+        why = _functional_skip_reason(spec, call, options)
         if call.norm not in spec.functional:
             plan.changes.append(Change(where, "skip", f"{call.norm}()", reason=f"functional {call.norm} call "
                                        f"{call.node}: spec {spec.name!r} has no functional form for it"))
         elif call.specialized:
             plan.changes.append(Change(where, "skip", f"{call.norm}()", reason=f"functional call {call.node} "
                                        "found only with arguments fixed; its module cannot be rewritten"))
+        elif why:
+            plan.changes.append(Change(where, "skip", f"{call.norm}()", reason=f"functional call {call.node}: {why}"))
         else:
             plan.changes.append(Change(where, "rewrite", f"{call.norm}()", f"{spec.name} functional",
                                        warnings=(f"call {call.node}",)))
@@ -161,6 +165,16 @@ def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tup
         plan.warnings.append(f"{len(opaque)} module(s) do not trace with torch.fx, so functional norm calls "
                              f"inside them are not seen: {first}")
     return plan
+
+
+def _functional_skip_reason(spec: Spec, call: FunctionalCall, options: dict[str, Any]) -> str | None:
+    """Why ``spec`` leaves a functional call alone, judged like a module of the same shape (``bert_ln`` leaves
+    a norm over one value); ``None`` when the call's shape is computed at run time or the spec takes it."""
+    if call.shape is None:
+        return None
+    info = NormInfo(kind=FUNCTIONAL_FAMILY[call.norm], num_features=math.prod(call.shape), eps=0.0,
+                    channels_first=False, normalized_shape=call.shape)
+    return spec.skip_reason(info, options)
 
 
 def _plan_weight_layers(model: nn.Module, spec: Spec, include: tuple[str, ...], exclude: tuple[str, ...],

@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters.base import NormInfo
 from .graph.relations import FUNCTIONAL_NORMS
+from .graph.tracing import structure_copy
 from .norms.act import attach_act
 
 _HOOK_DICTS = (
@@ -111,7 +112,8 @@ def rewrite_functional(module: nn.Module, targets: dict[str, Callable[..., Any]]
     The module keeps its class (a subclass with the rewritten ``forward`` replaces it in place), its
     parameters and state-dict keys. Returns the rewritten call names; raises when it does not trace.
     """
-    graph = _ShallowTracer().trace(module)
+    traced, _ = structure_copy(module)  # what the forward stores while traced lands in a copy
+    graph = _ShallowTracer().trace(traced)
     changed = []
     for node in graph.nodes:
         if node.op == "call_function" and FUNCTIONAL_NORMS.get(node.target) in targets:
@@ -121,7 +123,7 @@ def rewrite_functional(module: nn.Module, targets: dict[str, Callable[..., Any]]
             changed.append(node.name)
     if changed:
         graph.lint()
-        forward = type(torch.fx.GraphModule(module, graph)).forward
+        forward = type(torch.fx.GraphModule(traced, graph)).forward
         cls = type(module)
         module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                                        "_normswap_rewritten": tuple(changed)})

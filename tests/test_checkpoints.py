@@ -162,6 +162,8 @@ def test_load_original_checkpoint_with_spec(timm_ckpt):
     loaded = normswap.load(src, model=f"timm:{TIMM}", spec="gn_ws", groups=8)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), normswap.convert(model, "gn_ws", groups=8).eval()(x), rtol=0, atol=0)
+    # the README's promise: the dropped running statistics are noted in the plan's warnings
+    assert any("running statistics" in w and "dropped" in w for w in normswap.last_plan(loaded).warnings)
 
 
 def test_custom_spec_with_new_parameters_falls_back_to_materializing(timm_ckpt, tmp_path):

@@ -150,3 +150,28 @@ def test_inspect_a_model_name_and_help_documents_exit_codes(run):
     assert res.returncode == 0 and "BatchNormAct2d" in res.stdout and "SiLU" in res.stdout
     res = run("convert", "--help")
     assert res.returncode == 0 and "exit codes: 0 ok, 1 failure" in res.stdout
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch, capsys):
+    """`normswap list --verbose | head -1`: the reader closed the pipe; exit 0 and say nothing."""
+    from normswap import cli
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["list", "--verbose"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("option,value,allowed", [("groups", "0", ">= 1"), ("groups", "-4", ">= 1"),
+                                                  ("group_size", "0", ">= 1"), ("eps", "-1.0", ">= 0")])
+def test_nonsense_options_are_refused_with_the_allowed_range(run, option, value, allowed):
+    res = run("plan", "--model", "timm:test_resnet", "--spec", "gn_ws", "--set", f"{option}={value}")
+    assert res.returncode == 2 and f"option {option!r}" in res.stderr and allowed in res.stderr
+    with pytest.raises(normswap.OptionError, match=allowed):
+        normswap.plan(torch.nn.BatchNorm2d(8), "gn", **{option: float(value) if "." in value else int(value)})

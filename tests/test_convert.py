@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from timm.layers import BatchNormAct2d
+import torch.nn.functional as F
 from torch import nn
 
 import normswap
@@ -288,3 +289,39 @@ def test_functional_batch_norm_rewritten_to_group_norm():
     torch.testing.assert_close(out(x), expected)
     plan = normswap.plan(model, "ghost_bn")
     assert plan.changes[0].action == "skip" and "no functional form" in plan.changes[0].reason
+
+
+def test_tracing_runs_no_hook_and_leaves_nothing_in_the_model():
+    """plan() changes nothing: user hooks never see a Proxy, and a forward that stores what it sees (timm's
+    feature hooks keep outputs by device) stores it in a copy, so the model still deep-copies."""
+    timm = pytest.importorskip("timm")
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()))
+    model[1].register_forward_hook(lambda m, args, out: seen.append(type(out).__name__))
+    model.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    assert normswap.plan(model, "gn_ws").replaced[0].convs_standardized == ("0",)
+    assert seen == []
+    normswap.convert(model, "gn_ws", inplace=True)(torch.randn(1, 3, 8, 8))
+    assert seen == ["pre", "Tensor"]  # the hooks are kept and run on real calls
+    features = timm.create_model("resnet18", pretrained=False, features_only=True, feature_cls="hook")
+    normswap.plan(features, "gn_ws")
+    copy.deepcopy(features)
+    converted = normswap.convert(features, "gn_ws")
+    assert [t.shape[1] for t in converted(torch.randn(1, 3, 64, 64))] == [64, 64, 128, 256, 512]
+
+
+def test_bert_ln_leaves_a_functional_norm_over_one_value_as_it_is():
+    class OneValueNorms(nn.Module):
+        def forward(self, x):
+            return F.layer_norm(x[..., :1], (1,)), F.layer_norm(x[..., :1], x[..., :1].shape[-1:]), F.layer_norm(x, (4,))
+
+    model = OneValueNorms()
+    rows = normswap.plan(model, "bert_ln").changes
+    assert [c.action for c in rows] == ["skip", "rewrite", "rewrite"] and "single value" in rows[0].reason
+    x = torch.randn(3, 4)
+    a, b, c = normswap.convert(model, "bert_ln")(x)
+    expected = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(a, F.layer_norm(x[..., :1], (1,)))  # the shape computed at run time: kept too
+    torch.testing.assert_close(b, F.layer_norm(x[..., :1], (1,)))
+    torch.testing.assert_close(c, expected)
+    assert not normswap.plan(model, "gn_ws").changes  # F.layer_norm is no BatchNorm: no row for gn_ws

@@ -183,3 +183,28 @@ def test_ghost_batch_norm_forward_matches_the_torch_ops_path(shape, monkeypatch)
         torch.testing.assert_close(a.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     torch.testing.assert_close(fused_layer.running_mean.double(), ref_layer.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_layer.running_var.double(), ref_layer.running_var, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("make,shape", [
+    (lambda: RMSNorm(64, bias=True), (6, 64)),
+    (lambda: BertLayerNorm(64), (6, 64)),
+    (lambda: __import__("normswap.norms.channel_layer_norm", fromlist=["x"]).ChannelLayerNorm(64), (4, 64, 5, 5)),
+    (lambda: __import__("normswap.norms.ghost_batch_norm", fromlist=["x"]).GhostBatchNorm2d(
+        64, virtual_batch_size=2).train(), (4, 64, 5, 5)),
+])
+def test_non_contiguous_parameters_are_read_as_their_values(make, shape, monkeypatch):
+    """The kernels read raw pointers: a non-contiguous weight was copied into a temporary freed before the
+    call ran (ChannelLayerNorm returned values off by 6.9e24). Every buffer now lives through the call."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for name, p in list(layer.named_parameters()):
+            strided = torch.randn(p.shape[0], 3)[:, 1]  # every third float: not contiguous
+            assert not strided.is_contiguous()
+            setattr(layer, name, torch.nn.Parameter(strided))
+    x, gy = torch.randn(shape), torch.randn(shape)
+    reference = _torch_ops_reference(layer, x, gy, monkeypatch)
+    monkeypatch.undo()
+    for got, ref in zip(_grads(layer, x, gy), reference):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())

@@ -212,3 +212,13 @@ def test_example_inputs_for_timm_and_hf():
                                                           num_attention_heads=4, intermediate_size=37))
     ids = example_inputs(bert)["input_ids"]
     assert ids.shape == (2, 16) and int(ids.max()) < 50
+
+
+def test_a_batch_norm_planted_after_gn_ws_fails_batch_independence():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    converted = _convert(model, "gn_ws", groups=2)
+    converted[4] = nn.BatchNorm2d(8)  # planted after the conversion
+    report = validate(model, converted, torch.randn(4, 3, 10, 10), checks=["batch_independence"])
+    assert report.failed[0].module == "4" and "did not skip on purpose" in report.failed[0].detail
+    kept = _convert(model, "gn_ws", groups=2, exclude=["4"])  # left out on purpose: a skip, as before
+    assert validate(model, kept, torch.randn(4, 3, 10, 10), checks=["batch_independence"]).rows[0].status == "skip"

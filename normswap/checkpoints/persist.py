@@ -140,20 +140,22 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
     """
     from ..engine import convert, last_plan
 
+    if spec is None and options:
+        raise OptionError(f"options {sorted(options)} were given without spec=; they are a spec's options")
     with open_checkpoint(path) as ckpt:
         if isinstance(model, nn.Module):
             base = model
         else:
             base = base_builder(ckpt, model, dict(model_kwargs or {}))()
         built = replay(base, recorded_conversions(ckpt))
-        report = load_state_dict(built, ckpt)
-    if spec is not None:
-        built = convert(built, spec, inplace=True, **options)
-    elif options:
-        raise OptionError(f"options {sorted(options)} were given without spec=; they are a spec's options")
+        notes = load_state_dict(built, ckpt).notes
+        if spec is not None:
+            built = convert(built, spec, inplace=True, **options)
+            # what the checkpoint's keys become in the converted model (running statistics dropped, ...)
+            notes += map_keys(built, in_model_layout(built, ckpt).tensors, where=str(ckpt.path)).notes
     plan = last_plan(built)
     if plan is not None:
-        plan.warnings.extend(f"checkpoint {path}: {n}" for n in report.notes)
+        plan.warnings.extend(f"checkpoint {path}: {n}" for n in dict.fromkeys(notes))
     return built
 
 

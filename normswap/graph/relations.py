@@ -27,6 +27,9 @@ FUNCTIONAL_NORMS: dict[object, str] = {
 for _fn in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)):
     if _fn is not None:
         FUNCTIONAL_NORMS[_fn] = "rms_norm"
+# the norm family each functional norm belongs to (the ``kind`` of a NormInfo)
+FUNCTIONAL_FAMILY = {"layer_norm": "layer", "rms_norm": "rms", "batch_norm": "batch", "group_norm": "group",
+                     "instance_norm": "instance"}
 
 # ops a conv's output may pass through on its way to a norm without changing which conv it is
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.ZeroPad2d, nn.ConstantPad2d)
@@ -42,6 +45,7 @@ class FunctionalCall:
     norm: str
     specialized: bool
     module_path: str  # the innermost module whose forward makes the call
+    shape: tuple[int, ...] | None = None  # a layer / rms norm's normalized_shape, when the graph holds it as constants
 
 
 @dataclass
@@ -96,8 +100,9 @@ def find_relations(model: nn.Module, norms: dict[str, nn.Module], convs: dict[st
     for region in rel.trace.regions:
         modules = dict(region.module.named_modules(remove_duplicate=False))
         for node in region.graph.nodes:
-            if node.op == "call_module" and id(modules.get(node.target)) in norm_ids:
-                seen.add(id(modules[node.target]))
+            called = rel.trace.module_of(modules.get(node.target)) if node.op == "call_module" else None
+            if called is not None and id(called) in norm_ids:
+                seen.add(id(called))
                 arg = node.args[0] if node.args else None
                 conv = _producer_conv(arg, modules) if isinstance(arg, torch.fx.Node) else None
                 if conv is not None:
@@ -106,10 +111,23 @@ def find_relations(model: nn.Module, norms: dict[str, nn.Module], convs: dict[st
             elif node.op == "call_function" and node.target in FUNCTIONAL_NORMS:
                 stack = node.meta.get("nn_module_stack") or {}
                 inner = list(stack.values())[-1][0] if stack else ""
-                rel.functional.append(FunctionalCall(region.path, node.name, FUNCTIONAL_NORMS[node.target],
-                                                     region.specialized, _join(region.path, inner)))
+                norm = FUNCTIONAL_NORMS[node.target]
+                rel.functional.append(FunctionalCall(region.path, node.name, norm, region.specialized,
+                                                     _join(region.path, inner), _constant_shape(node, norm)))
     _module_order_fallback(model, norms, norm_ids - seen, rel)
     return rel
+
+
+def _constant_shape(node: torch.fx.Node, norm: str) -> tuple[int, ...] | None:
+    """The ``normalized_shape`` of a layer / rms norm call when it is written as constants (not computed)."""
+    if norm not in ("layer_norm", "rms_norm"):
+        return None
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        return (shape,)
+    if isinstance(shape, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        return tuple(shape)
+    return None
 
 
 def _last_conv(path: str, module: nn.Module) -> tuple[str, nn.Module] | None:

@@ -10,6 +10,7 @@ reading relations, not for rewriting).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import warnings
@@ -39,6 +40,22 @@ class TraceResult:
 
     regions: list[Region] = field(default_factory=list)
     untraced: list[tuple[str, str]] = field(default_factory=list)
+    original: dict[int, nn.Module] = field(default_factory=dict)  # id of a traced copy's module -> the model's
+
+    def module_of(self, traced: nn.Module | None) -> nn.Module | None:
+        """The model's own module for a module of a traced region (regions trace a copy of the model)."""
+        return None if traced is None else self.original.get(id(traced), traced)
+
+
+def structure_copy(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """A copy of ``model``'s module tree and state sharing its parameters and buffers (no tensor is copied),
+    and a map from each copied module's id to the original. Tracing runs ``forward`` with Proxies, and a
+    forward that stores what it sees (timm's feature hooks keep outputs by device) must store it here, not
+    in the user's model."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    copied = copy.deepcopy(model, dict(tensors))
+    originals = dict(model.named_modules(remove_duplicate=False))
+    return copied, {id(m): originals[p] for p, m in copied.named_modules(remove_duplicate=False) if p in originals}
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -61,6 +78,11 @@ class _Tracer(torch.fx.Tracer):
         if id(m) in self._leaf_ids or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        # trace through the module's own forward, not Module.__call__: the user's hooks (and torch's global
+        # ones) must neither run on Proxies nor end up in the graph; they still run around the real call
+        return super().call_module(m, m.forward, args, kwargs)
 
 
 def _concrete_defaults(module: nn.Module) -> dict[str, object] | None:
@@ -104,11 +126,17 @@ def trace_regions(model: nn.Module, leaves: Iterable[nn.Module]) -> TraceResult:
         >>> [r.path for r in trace_regions(m, [m[1]]).regions]
         ['']
     """
-    leaf_ids = {id(m) for m in leaves}
+    leaves = list(leaves)
+    try:
+        traced_model, original = structure_copy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be deep-copied is traced as it is
+        traced_model, original = model, {}
+    copy_of = {id(original[id(c)]): c for c in traced_model.modules() if id(c) in original}
+    leaf_ids = {id(copy_of.get(id(m), m)) for m in leaves}
     notrace_types, notrace_fns = _timm_notrace()
     leaf_types = (nn.modules.conv._ConvNd,) + notrace_types
     tracer_args = (leaf_ids, leaf_types, notrace_fns)
-    result = TraceResult()
+    result = TraceResult(original=original)
 
     def visit(path: str, module: nn.Module) -> None:
         # a module timm marks as not traceable is a leaf inside its parent's graph, but is tried on its own
@@ -125,5 +153,5 @@ def trace_regions(model: nn.Module, leaves: Iterable[nn.Module]) -> TraceResult:
         for name, child in children:
             visit(f"{path}.{name}" if path else name, child)
 
-    visit("", model)
+    visit("", traced_model)
     return result

@@ -3,7 +3,8 @@ checkpoint keys change (also shown by ``normswap list --verbose``)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,11 @@ from ..errors import OptionError
 from ..norms.channel_layer_norm import ChannelLayerNorm
 from ..norms.unsized import UnsizedNorm
 from .base import WSConfig, register_spec
+from .options import Range
 from .groups import choose_groups
 
+Groups = Annotated[int | None, Range(1)]
+Eps = Annotated[float | None, Range(0)]
 BN_STATS_DROPPED = "running_mean, running_var, num_batches_tracked are removed; weight and bias keep their keys"
 
 
@@ -65,8 +69,8 @@ def _ws(options: dict[str, Any]) -> WSConfig:
     functional={"batch_norm": _gn_functional},
     description="BatchNorm -> GroupNorm + Weight Standardization on the convs feeding it (BiT)",
 )
-def gn_ws(info: NormInfo, *, groups: int | None = 32, group_size: int | None = None, eps: float | None = None,
-          ws_eps: float = 1e-6, ws_eps_mode: Literal["inside", "outside"] = "inside",
+def gn_ws(info: NormInfo, *, groups: Groups = 32, group_size: Groups = None, eps: Eps = None,
+          ws_eps: Annotated[float, Range(0)] = 1e-6, ws_eps_mode: Literal["inside", "outside"] = "inside",
           ws_convs: Literal["fed", "all"] = "fed") -> nn.Module:
     """GroupNorm (Wu & He 2018) with Weight Standardization (Qiao et al. 2019; Kolesnikov et al. 2020).
 
@@ -79,8 +83,7 @@ def gn_ws(info: NormInfo, *, groups: int | None = 32, group_size: int | None = N
 
 @register_spec("gn", sources=("batch",), changed_keys=BN_STATS_DROPPED, functional={"batch_norm": _gn_functional},
                description="BatchNorm -> GroupNorm (Wu & He 2018)")
-def gn(info: NormInfo, *, groups: int | None = 32, group_size: int | None = None,
-       eps: float | None = None) -> nn.Module:
+def gn(info: NormInfo, *, groups: Groups = 32, group_size: Groups = None, eps: Eps = None) -> nn.Module:
     """GroupNorm; the group count follows :func:`~normswap.specs.groups.choose_groups`."""
     return _group_norm(info, groups, group_size, eps)
 
@@ -95,7 +98,7 @@ def _instance_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
 @register_spec("in", sources=("batch",), accepts=_instance_accepts, changed_keys=BN_STATS_DROPPED,
                functional={"batch_norm": _in_functional},
                description="BatchNorm2d/3d -> InstanceNorm with affine (Ulyanov et al. 2016)")
-def instance_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
+def instance_norm(info: NormInfo, *, eps: Eps = None) -> nn.Module:
     """InstanceNorm with affine and no running stats; a SyncBatchNorm of unknown rank gets GroupNorm(C, C)."""
     eps = info.eps if eps is None else eps
     affine = info.weight is not None
@@ -112,7 +115,7 @@ def instance_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
     changed_keys="from BatchNorm: " + BN_STATS_DROPPED + "; from RMSNorm: none (no bias is added)",
     description="BatchNorm -> LayerNorm over channels; RMSNorm -> LayerNorm (Ba et al. 2016)",
 )
-def layer_norm(info: NormInfo, *, eps: float | None = None) -> nn.Module:
+def layer_norm(info: NormInfo, *, eps: Eps = None) -> nn.Module:
     """LayerNorm: over the channels at each position for BatchNorm sources, over the same dims as the
     RMSNorm it replaces otherwise (with a bias only where the RMSNorm had one)."""
     eps = info.eps if eps is None else eps
@@ -140,7 +143,7 @@ def _ghost_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
     changed_keys="none (GhostBatchNorm is a BatchNorm subclass with the same buffers)",
     description="BatchNorm -> GhostBatchNorm: statistics per virtual batch (Hoffer et al. 2017)",
 )
-def ghost_bn(info: NormInfo, *, virtual_batch: int = 32) -> nn.Module:
+def ghost_bn(info: NormInfo, *, virtual_batch: Annotated[int, Range(1)] = 32) -> nn.Module:
     """GhostBatchNorm; identical to BatchNorm in eval mode, running stats updated as one BatchNorm would."""
     from ..norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
@@ -162,7 +165,7 @@ def _rms_functional(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, sp
     changed_keys="none with bias=True (the default keeps the LayerNorm's bias); with bias=False 'bias' is removed",
     description="LayerNorm -> RMSNorm, eps carried over (Zhang & Sennrich 2019)",
 )
-def rms(info: NormInfo, *, eps: float | None = None, bias: bool = True) -> nn.Module:
+def rms(info: NormInfo, *, eps: Eps = None, bias: bool = True) -> nn.Module:
     """RMSNorm over the same dims as the LayerNorm; ``eps`` is the LayerNorm's unless given."""
     from ..norms.rms_norm import RMSNorm, RMSNorm2d
 
@@ -183,8 +186,13 @@ def _bert_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
 
 
 def _bert_functional(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, spec_options):
+    """A functional ``F.layer_norm`` call as a BERT LayerNorm; over a single value (where the unbiased std is
+    undefined; a shape computed at run time could not be judged when planning) the call stays as it was."""
     from ..norms.bert_layer_norm import bert_layer_norm
 
+    size = math.prod((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape)
+    if size < 2:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return bert_layer_norm(x, normalized_shape, weight, bias, spec_options["eps"])
 
 
@@ -193,7 +201,7 @@ def _bert_functional(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, s
     changed_keys="none",
     description="LayerNorm -> BERT LayerNorm: a*(x-mean)/(std_unbiased+eps)+b, eps 1e-6 (Annotated Transformer)",
 )
-def bert_ln(info: NormInfo, *, eps: float = 1e-6) -> nn.Module:
+def bert_ln(info: NormInfo, *, eps: Annotated[float, Range(0)] = 1e-6) -> nn.Module:
     """The python-ops BERT LayerNorm; eps is added to the unbiased std, so the source's eps (added to
     the variance) is not carried: the default is the Annotated Transformer's 1e-6."""
     from ..norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d

@@ -17,15 +17,48 @@ from ..errors import OptionError, closest
 
 
 @dataclass(frozen=True)
+class Range:
+    """The numbers an option allows, declared in its annotation: ``Annotated[int, Range(1)]`` (>= 1),
+    ``Annotated[float, Range(0, above=True)]`` (> 0). ``None``, where the type allows it, is not a number.
+
+    Example:
+        >>> Range(1).check(0), Range(0, above=True).check(0.5)
+        ('>= 1', None)
+    """
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # the low end itself is excluded
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.above else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        return " and ".join(parts)
+
+    def check(self, value: Any) -> str | None:
+        """``None`` when ``value`` is allowed, else the allowed range (as text)."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        too_low = self.low is not None and (value <= self.low if self.above else value < self.low)
+        too_high = self.high is not None and value > self.high
+        return self.describe() if too_low or too_high or value != value else None
+
+
+@dataclass(frozen=True)
 class Option:
-    """One option of a spec: its name, annotation and default."""
+    """One option of a spec: its name, annotation (``Annotated[...]`` stripped), allowed range and default."""
 
     name: str
     annotation: Any
     default: Any
+    range: Range | None = None
 
     def type_name(self) -> str:
-        return _type_name(self.annotation)
+        kind = _type_name(self.annotation)
+        return f"{kind} ({self.range.describe()})" if self.range is not None else kind
 
 
 def _type_name(ann: Any) -> str:
@@ -41,11 +74,15 @@ def _type_name(ann: Any) -> str:
 
 def options_of(builder: Callable[..., Any]) -> dict[str, Option]:
     """The keyword-only options a builder takes, with their resolved annotations."""
-    hints = typing.get_type_hints(builder)
+    hints = typing.get_type_hints(builder, include_extras=True)
     out = {}
     for p in inspect.signature(builder).parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY:
-            out[p.name] = Option(p.name, hints.get(p.name, Any), p.default)
+            ann, allowed = hints.get(p.name, Any), None
+            if typing.get_origin(ann) is typing.Annotated:
+                ann, *extras = typing.get_args(ann)
+                allowed = next((e for e in extras if isinstance(e, Range)), None)
+            out[p.name] = Option(p.name, ann, p.default, allowed)
     return out
 
 
@@ -102,7 +139,8 @@ def validate_options(spec_name: str, declared: dict[str, Option], given: dict[st
                             f"{closest(name, declared)}")
             continue
         ok, value = _matches(value, opt.annotation)
-        if not ok:
+        allowed = opt.range.check(value) if ok and opt.range is not None else None
+        if not ok or allowed:
             problems.append(f"option {name!r} of spec {spec_name!r} must be {opt.type_name()}, got {value!r}")
             continue
         resolved[name] = value

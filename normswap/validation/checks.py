@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import read_norm
+from ..adapters import NormInfo, read_norm
 from ..errors import OptionError
 from ..specs import get_spec
 from .report import ValidationReport
@@ -150,6 +150,35 @@ def _batch_norms(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if (info := read_norm(m)[0]) is not None and info.kind == "batch"]
 
 
+def _replaces_batch_norms(plan: Any) -> bool:
+    """Whether ``plan``'s spec turns a BatchNorm into a norm of another kind (``gn_ws`` does, ``ghost_bn``
+    does not): asked of the spec itself, by building its replacement for a small BatchNorm on ``meta``."""
+    try:
+        spec = get_spec(plan.spec)
+        if "batch" not in spec.sources:
+            return False
+        options = spec.resolve({k: v for k, v in plan.options.items() if k not in ("include", "exclude")})
+        info = NormInfo(kind="batch", num_features=8, eps=1e-5, channels_first=True, normalized_shape=(8,),
+                        spatial_dims=2)
+        with torch.device("meta"):
+            made = spec.builder(info, **options)
+    except Exception:  # noqa: BLE001 - a spec no longer registered or a builder that needs real values
+        return False
+    made_info = read_norm(made)[0]
+    return made_info is None or made_info.kind != "batch"
+
+
+def _left_behind(converted: nn.Module, batch_norms: list[str]) -> list[str]:
+    """BatchNorms left in a model whose last conversion replaced BatchNorms by batch-independent norms, and
+    which its plan did not leave out on purpose (``include``/``exclude``): a norm planted after converting,
+    or one the conversion missed."""
+    plan = converted.__dict__.get("_normswap_plan")
+    if plan is None or not batch_norms or not _replaces_batch_norms(plan):
+        return []
+    on_purpose = {p for c in plan.skipped if "include/exclude" in c.reason for p in (c.path, *c.also_at)}
+    return [p for p in batch_norms if p not in on_purpose]
+
+
 def _norms_train_rest_eval(model: nn.Module) -> nn.Module:
     """Eval mode except the norms: dropout off, the norms' own train-mode behaviour on."""
     model.eval()
@@ -276,6 +305,11 @@ def _batch_size(inputs: Inputs) -> int:
 def check_batch_independence(report: ValidationReport, converted: nn.Module, inputs: Inputs,
                              dtype: torch.dtype) -> None:
     bns = _batch_norms(converted)
+    left = _left_behind(converted, bns)
+    if left:
+        report.add("batch independence", "fail", f"{len(left)} BatchNorm(s) the conversion did not skip on purpose "
+                   f"remain (first: {left[0]}); a sample's output depends on its batch through them", left[0])
+        return
     if bns:
         report.add("batch independence", "skip", f"{len(bns)} BatchNorm-family norm(s) remain (e.g. {bns[0]}): "
                    "their train-mode output depends on the batch by design")

@@ -188,16 +188,25 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _vector(p: Tensor | None) -> Tensor | None:
-    """A weight or bias as contiguous float32 memory (itself when it already is: the common case)."""
+    """A weight or bias as contiguous float32 memory (itself when it already is: the common case).
+
+    The C kernels read raw pointers: a caller keeps what this returns in a local variable until the call has
+    returned (a temporary whose pointer alone is passed would be freed before the kernel reads it)."""
     if p is None or (p.dtype == torch.float32 and p.is_contiguous()):
         return p
     return p.reshape(-1).to(torch.float32).contiguous()
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as contiguous float32 memory (itself when it already is); the same rule as :func:`_vector`."""
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _forward(name: str, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, stats: int) -> tuple[Tensor, Tensor]:
     lib = _required()
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x = _dense(x)
     rows, d = x.shape
     y = torch.empty_like(x)
     st = torch.empty(rows, stats, dtype=torch.float32)
@@ -211,10 +220,7 @@ def _backward(
     name: str, gy: Tensor, x: Tensor, st: Tensor, w: Tensor | None, need: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     lib = _required()
-    if not gy.is_contiguous():
-        gy = gy.contiguous()
-    if not x.is_contiguous():
-        x = x.contiguous()
+    gy, x, st = _dense(gy), _dense(x), _dense(st)
     rows, d = x.shape
     gx = torch.empty_like(x) if need[0] else None
     gw = torch.empty(d, dtype=torch.float32) if need[1] else None
@@ -252,13 +258,14 @@ def channel_ln_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     """LayerNorm over dim 1 of a contiguous ``[N, C, *]`` float32 CPU tensor: ``y`` and the per-position
     mean and inverse std (``[N, S]``) the backward needs."""
     lib = _required()
+    x, w, b = _dense(x), _vector(weight), _vector(bias)
     n, c = x.shape[:2]
     s = x.numel() // max(n * c, 1)
     y = torch.empty_like(x)
     mean = torch.empty(n, s, dtype=torch.float32)
     rstd = torch.empty(n, s, dtype=torch.float32)
-    lib.normswap_cln_fwd(x.data_ptr(), _ptr(_vector(weight)), _ptr(_vector(bias)), y.data_ptr(), mean.data_ptr(),
-                         rstd.data_ptr(), n, c, s, float(eps), torch.get_num_threads())
+    lib.normswap_cln_fwd(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, c, s,
+                         float(eps), torch.get_num_threads())
     return y, mean, rstd
 
 
@@ -266,14 +273,14 @@ def channel_ln_backward(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weigh
                         need_w: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`channel_ln_forward`: ``dx``, ``dweight``, ``dbias`` (``None`` where not wanted)."""
     lib = _required()
-    gy = gy.contiguous()
+    gy, x, mean, rstd, w = _dense(gy), _dense(x), _dense(mean), _dense(rstd), _vector(weight)
     n, c = x.shape[:2]
     s = x.numel() // max(n * c, 1)
     gx = torch.empty_like(x) if need_x else None
     gw = torch.empty(c, dtype=torch.float32) if need_w else None
     gb = torch.empty(c, dtype=torch.float32) if need_b else None
     nthreads = torch.get_num_threads()
-    if lib.normswap_cln_bwd(gy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(_vector(weight)),
+    if lib.normswap_cln_bwd(gy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(w),
                             _ptr(gx), _ptr(gw), _ptr(gb), n, c, s, nthreads) != 0:
         raise MemoryError("normswap channel LayerNorm backward: could not allocate its scratch memory")
     return gx, gw, gb
@@ -288,6 +295,7 @@ def ghost_bn_forward(
     its unbiased variance (for the running statistics).
     """
     lib = _required()
+    x, w, b = _dense(x), _vector(weight), _vector(bias)
     n, c = x.shape[:2]
     k = len(sizes)
     starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
@@ -295,7 +303,7 @@ def ghost_bn_forward(
     mean = torch.empty(k, c, dtype=torch.float32)
     invstd = torch.empty(k, c, dtype=torch.float32)
     var = torch.empty(k, c, dtype=torch.float32) if want_var else None
-    lib.normswap_ghost_bn_fwd(x.data_ptr(), _ptr(_vector(weight)), _ptr(_vector(bias)), y.data_ptr(), mean.data_ptr(),
+    lib.normswap_ghost_bn_fwd(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
                               invstd.data_ptr(), _ptr(var), starts.data_ptr(), k, c, x.numel() // max(n * c, 1),
                               float(eps), torch.get_num_threads())
     return y, mean, invstd, var
@@ -312,16 +320,15 @@ def ghost_bn_backward(
     weight and bias gradient sums ``[k, C]``.
     """
     lib = _required()
-    if not gy.is_contiguous():
-        gy = gy.contiguous()
+    gy, x, mean, invstd, w = _dense(gy), _dense(x), _dense(mean), _dense(invstd), _vector(weight)
     n, c = x.shape[:2]
     k = len(sizes)
     starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
     gx = torch.empty_like(x) if need_x else None
     gws = torch.empty(k, c, dtype=torch.float32)
     gbs = torch.empty(k, c, dtype=torch.float32)
-    lib.normswap_ghost_bn_bwd(gy.data_ptr(), x.data_ptr(), mean.contiguous().data_ptr(),
-                              invstd.contiguous().data_ptr(), _ptr(_vector(weight)), _ptr(gx), gws.data_ptr(),
+    lib.normswap_ghost_bn_bwd(gy.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _ptr(w), _ptr(gx),
+                              gws.data_ptr(),
                               gbs.data_ptr(), starts.data_ptr(), k, c, x.numel() // max(n * c, 1),
                               torch.get_num_threads())
     return gx, gws, gbs
