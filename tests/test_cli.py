@@ -28,7 +28,7 @@ def test_list_prints_one_line_per_spec():
 
 def test_list_verbose_shows_options(run):
     res = run("list", "--verbose")
-    assert res.returncode == 0 and "--set groups=<int | None>" in res.stdout
+    assert res.returncode == 0 and "--set groups=<int | None (>= 1)>" in res.stdout
 
 
 def test_plan_timm_model():
