@@ -357,21 +357,29 @@ def _round_trip(model: nn.Module, inputs: dict) -> list[str]:
     return []
 
 
-def one(model_type: str) -> dict:
-    """Build, convert and check one model type; a JSON-able result."""
+def one(model_type: str, report=lambda partial: None) -> dict:
+    """Build, convert and check one model type; a JSON-able result (``report`` gets it once the model built,
+    then after each spec, so a timeout later says where it stopped)."""
+    from transformers.utils import logging as hf_logging
+
     start = time.time()
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
     try:
         model, inputs, how = build(model_type)
     except Exception as exc:  # noqa: BLE001
         return {"type": model_type, "built": False, "reason": str(exc)[:400], "seconds": time.time() - start}
     result = {"type": model_type, "built": True, "how": how, "class": type(model).__name__, "specs": {}}
+    report(result)
     for spec in _present_specs(model):
+        result["running"] = spec
+        report(result)
         try:
             failures = check_spec(model, inputs, spec)
         except Exception:  # noqa: BLE001
             failures = [f"sweep error: {traceback.format_exc(limit=2)[-300:]}"]
         result["specs"][spec] = failures
+    result.pop("running", None)
     result["seconds"] = time.time() - start
     return result
 
@@ -391,15 +399,23 @@ def run_isolated(model_type: str, timeout: int = TIMEOUT) -> dict:
     return json.loads(lines[-1])
 
 
-def _safe_one(model_type: str) -> dict:
+def _safe_one(model_type: str, report) -> dict:
     try:
-        return one(model_type)
+        return one(model_type, report)
     except BaseException as exc:  # noqa: BLE001 - report whatever ended the check
         return {"type": model_type, "built": None, "reason": f"{type(exc).__name__}: {exc}"[:400]}
 
 
-def _failed(model_type: str, why: str) -> dict:
-    return {"type": model_type, "built": None, "reason": why}
+def _failed(model_type: str, why: str, partial: dict | None) -> dict:
+    """A child that died or timed out: before its model built, a type that did not build; after, a failure of
+    the spec it was checking."""
+    if not partial:
+        return {"type": model_type, "built": None, "reason": why}
+    result = dict(partial)
+    spec = result.pop("running", None)
+    if spec is not None:
+        result["specs"] = {**result["specs"], spec: [why]}
+    return result
 
 
 def model_types() -> list[str]:

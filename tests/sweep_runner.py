@@ -12,16 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _child(check: Callable[[Any], dict], item: Any, conn) -> None:
-    conn.send(check(item))
+def _child(check: Callable[..., dict], item: Any, conn) -> None:
+    result = check(item, lambda partial: conn.send(("partial", partial)))
+    conn.send(("done", result))
     conn.close()
 
 
-def run_forked(items: list, check: Callable[[Any], dict], failed: Callable[[Any, str], dict], *, workers: int,
-               timeout: float, done: Callable[[dict], None]) -> None:
-    """``done(check(item))`` for every item, ``check`` running in a forked child; ``failed(item, why)`` stands
-    in for a child that died or ran past ``timeout`` seconds. Fork before any intra-op thread pool exists
-    (set ``torch.set_num_threads(1)`` and run nothing heavy in the parent)."""
+def run_forked(items: list, check: Callable[..., dict], failed: Callable[[Any, str, dict | None], dict], *,
+               workers: int, timeout: float, done: Callable[[dict], None]) -> None:
+    """``done(check(item, report))`` for every item, ``check`` running in a forked child; it may ``report`` a
+    partial result as it goes (e.g. "built"). ``failed(item, why, last partial result)`` stands in for a child
+    that died or ran past ``timeout`` seconds. Fork before any intra-op thread pool exists (set
+    ``torch.set_num_threads(1)`` and run nothing heavy in the parent)."""
     ctx = multiprocessing.get_context("fork")
     pending, running = list(items), []
     while pending or running:
@@ -31,21 +33,25 @@ def run_forked(items: list, check: Callable[[Any], dict], failed: Callable[[Any,
             proc = ctx.Process(target=_child, args=(check, item, send), daemon=True)
             proc.start()
             send.close()
-            running.append((item, proc, receive, time.time()))
+            running.append([item, proc, receive, time.time(), None])
         time.sleep(0.2)
         for entry in list(running):
-            item, proc, receive, start = entry
+            item, proc, receive, start, partial = entry
             result = None
-            if receive.poll():
-                try:
-                    result = receive.recv()
-                except EOFError:
-                    result = failed(item, f"the child died (exit {proc.exitcode})")
-            elif not proc.is_alive():
-                result = failed(item, f"the child died (exit {proc.exitcode})")
-            elif time.time() - start > timeout:
+            try:
+                while result is None and receive.poll():
+                    kind, value = receive.recv()
+                    if kind == "partial":
+                        entry[4] = partial = value
+                    else:
+                        result = value
+            except EOFError:
+                result = failed(item, f"the child died (exit {proc.exitcode})", partial)
+            if result is None and not proc.is_alive() and not receive.poll():
+                result = failed(item, f"the child died (exit {proc.exitcode})", partial)
+            elif result is None and time.time() - start > timeout:
                 proc.kill()
-                result = failed(item, f"timed out after {timeout:.0f} s")
+                result = failed(item, f"timed out after {timeout:.0f} s", partial)
             if result is not None:
                 proc.join(5)
                 receive.close()

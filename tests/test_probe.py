@@ -316,3 +316,18 @@ def test_a_module_that_breaks_the_probe_is_a_skip_row_not_a_crash():
     model = nn.Sequential(nn.Linear(4, 4), LazyLayerNorm())
     plan = normswap.plan(model, "rms")
     assert [(c.path, c.action) for c in plan.changes] == [("1", "skip")] and "probing it failed" in plan.changes[0].reason
+
+
+def test_a_norm_that_ignores_its_dummy_weight_is_replaced_by_one_of_any_size():
+    class WeightlessRMSNorm(nn.Module):  # FalconMamba: a dummy weight buffer of another size than the input
+        def __init__(self, size):
+            super().__init__()
+            self.register_buffer("weight", torch.ones(size), persistent=False)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    model = nn.Sequential(nn.Linear(4, 6), WeightlessRMSNorm(64))
+    converted = normswap.convert(model, "ln")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(converted(x), F.layer_norm(model[0](x), (6,), eps=1e-6))

@@ -31,7 +31,7 @@ INDEX = json.loads((HERE / "data" / "timm_norms.json").read_text())["models"]
 SPECS = {"batch": ("gn_ws",), "layer": ("rms", "bert_ln")}
 
 
-def one(item: tuple[str, str, str]) -> dict:
+def one(item: tuple[str, str, str], report=lambda partial: None) -> dict:
     """Check one (architecture, spec, kind); the failure, if any, is the result."""
     from timm_zoo import check_timm
 
@@ -46,7 +46,7 @@ def one(item: tuple[str, str, str]) -> dict:
     return {"name": name, "spec": spec, "status": status, "error": error, "seconds": round(time.time() - start, 1)}
 
 
-def failed(item: tuple[str, str, str], why: str) -> dict:
+def failed(item: tuple[str, str, str], why: str, partial: dict | None = None) -> dict:
     return {"name": item[0], "spec": item[1], "status": "timeout" if "timed out" in why else "crash", "error": why,
             "seconds": None}
 

@@ -25,6 +25,7 @@ scale such as MobileBERT's ``NoNorm``) is not a norm and is left out.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -61,6 +62,7 @@ class Formula:
     weight: str  # "w", "1+w" or "none"
     bias: bool
     frozen: bool = False
+    any_size: bool = False  # uses no tensor of its own and normalizes whatever size comes in
 
     def describe(self) -> str:
         name = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm with fixed statistics" if self.frozen
@@ -260,9 +262,11 @@ def _round_eps(eps: float) -> float:
     return float(f"{eps:.3g}")
 
 
-def _affine_variants(tensors: dict[str, torch.Tensor]) -> list[tuple[str, bool]]:
-    weights = ["w", "1+w", "none"] if "weight" in tensors else ["none"]
-    biases = [True, False] if "bias" in tensors else [False]
+def _affine_variants(tensors: dict[str, torch.Tensor], width: int) -> list[tuple[str, bool]]:
+    """The ways the module may apply its ``weight``/``bias`` to rows of ``width`` features."""
+    fits = {n: n in tensors and tensors[n].numel() == width for n in _AFFINE}
+    weights = ["w", "1+w", "none"] if fits["weight"] else ["none"]
+    biases = [True, False] if fits["bias"] else [False]
     return [(w, b) for w in weights for b in biases]
 
 
@@ -279,7 +283,7 @@ def _undo_affine(y: torch.Tensor, tensors: dict[str, torch.Tensor], weight: str,
 def _match_row_norm(x_rows: torch.Tensor, y_rows: torch.Tensor, tensors: dict[str, torch.Tensor],
                     channels_first: bool) -> Formula | None:
     mean = x_rows.mean(1, keepdim=True)
-    for weight, bias in _affine_variants(tensors):
+    for weight, bias in _affine_variants(tensors, x_rows.shape[1]):
         u = _undo_affine(y_rows, tensors, weight, bias)
         for kind in ("layer", "rms"):
             centered = x_rows - mean if kind == "layer" else x_rows
@@ -291,10 +295,10 @@ def _match_row_norm(x_rows: torch.Tensor, y_rows: torch.Tensor, tensors: dict[st
 
 def _match_frozen_batch(x_rows: torch.Tensor, y_rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> Formula | None:
     """Per channel (the columns of the rows): ``(x - running_mean) / sqrt(running_var + eps) * w + b``."""
-    if not all(n in tensors for n in _STATS):
+    if not all(n in tensors and tensors[n].numel() == x_rows.shape[1] for n in _STATS):
         return None
     centered = (x_rows - tensors["running_mean"]).t()
-    for weight, bias in _affine_variants(tensors):
+    for weight, bias in _affine_variants(tensors, x_rows.shape[1]):
         if weight == "1+w":
             continue
         u = _undo_affine(y_rows, tensors, weight, bias).t()
@@ -405,7 +409,17 @@ def _unsized(module: nn.Module) -> Formula:
     found = {_identify(module, size) for size in (8, 12)}
     if len(found) != 1:
         raise Unidentified("it computes different things for inputs of different sizes")
-    return found.pop()
+    return dataclasses.replace(found.pop(), any_size=True)
+
+
+def _size_free(module: nn.Module, size: int, found: Formula) -> Formula:
+    """A norm that uses none of its tensors (FalconMamba's weightless RMSNorm keeps a dummy ``weight`` of
+    another size than its input) may normalize any size: then its replacement must too."""
+    try:
+        other = _identify(module, size + 5)
+    except (Unidentified, NotANorm):
+        return found
+    return dataclasses.replace(found, any_size=True) if other == found else found
 
 
 _CACHE: dict[tuple, Formula | Unidentified | NotANorm] = {}
@@ -457,6 +471,8 @@ def identify(module: nn.Module) -> Formula:
                 raise Unidentified(f"it holds tensors normswap cannot map to a norm's ({', '.join(extra)})")
             size = _feature_size(module, tensors)
             cached = _identify(module, size) if size is not None else _unsized(module)
+            if size is not None and cached.kind != "batch" and cached.weight == "none" and not cached.bias:
+                cached = _size_free(module, size, cached)
         except (Unidentified, NotANorm) as exc:
             cached = exc
         if key is not None:
@@ -480,7 +496,7 @@ def probed_info(module: nn.Module, found: Formula) -> NormInfo:
                         momentum=momentum if isinstance(momentum, float) or momentum is None else 0.1,
                         track_running_stats=True, frozen=found.frozen, spatial_dims=2,
                         variant="frozen" if found.frozen else "", identified=found.describe())
-    shape = (size,) if size is not None else ()
-    return NormInfo(kind=found.kind, num_features=size or 0, eps=found.eps, channels_first=found.channels_first,
+    shape = (size,) if size is not None and not found.any_size else ()
+    return NormInfo(kind=found.kind, num_features=shape[0] if shape else 0, eps=found.eps, channels_first=found.channels_first,
                     normalized_shape=shape, weight=weight, bias=bias,
                     weight_offset=1.0 if found.weight == "1+w" else 0.0, identified=found.describe())
