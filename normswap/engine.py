@@ -23,6 +23,7 @@ from .norms.std_conv import standardize_conv, ws_skip_reason
 from .report import Change, Plan
 from .selection import globs, selected, unmatched, weight_layers
 from .specs import Spec, get_spec
+from .specs.weight_norm import share_weight_parametrization
 from .surgery import finish_replacement, rewrite_functional, set_module
 
 
@@ -181,21 +182,45 @@ def _plan_weight_layers(model: nn.Module, spec: Spec, include: tuple[str, ...], 
                         plan: Plan) -> None:
     """The rows of a weight spec: one per conv / linear (``reparametrize`` or ``skip``)."""
     layers = weight_layers(model, parametrized=True)
+    eligible = {p for p, layer in layers.items() if selected([p], include, exclude) and not spec.weights.skip_reason(layer)}
+    ties = _weight_ties(model)
+    leaders: dict[int, str] = {}
     for path, layer in layers.items():
         where, old = path or "<root>", _type_name(layer)
         if not selected([path], include, exclude):
             plan.changes.append(Change(where, "skip", old, reason="not selected by include/exclude"))
             continue
         reason = spec.weights.skip_reason(layer)
+        weight = layer._parameters.get("weight")
+        partners = [o for o in ties.get(id(weight), []) if o != path] if weight is not None else []
+        left = [o for o in partners if o not in eligible]
+        if not reason and left:
+            owner = left[0] or "<root>"
+            reason = (f"its weight is tied to {owner}.weight ({_type_name(model.get_submodule(left[0]))}), which "
+                      f"spec {spec.name!r} leaves as it is: transforming one would untie them")
         if reason:
             plan.changes.append(Change(where, "skip", old, reason=reason))
-        else:
-            plan.changes.append(Change(where, "reparametrize", old, f"{spec.weights.label}({old})", carried=("weight",)))
+            continue
+        leader = leaders.setdefault(id(weight), path) if partners else path
+        shares = leader if leader != path else ""
+        notes = (f"weight tied to {shares or '<root>'}: one parametrization, shared",) if shares else ()
+        plan.changes.append(Change(where, "reparametrize", old, f"{spec.weights.label}({old})", carried=("weight",),
+                                   warnings=notes, shares=shares))
     for kind, patterns in (("include", include), ("exclude", exclude)):
         for g in unmatched(patterns, layers):
             message = f"{kind} glob {g!r} matched no conv or linear layer"
             plan.warnings.append(message)
             warnings.warn(f"normswap: {message}", UserWarning, stacklevel=4)
+
+
+def _weight_ties(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [paths of every module holding it as its 'weight']}`` for weights held by several."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=True):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(path)
+    return {k: v for k, v in owners.items() if len(v) > 1}
 
 
 def _within(path: str, ancestor: str) -> bool:
@@ -303,7 +328,11 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
         elif change.action == "standardize":
             _standardize(target, change.path, ws)
         elif change.action == "reparametrize":
-            spec.builder(target if change.path == "<root>" else target.get_submodule(change.path), **options)
+            layer = target if change.path == "<root>" else target.get_submodule(change.path)
+            if change.shares:
+                share_weight_parametrization(layer, target.get_submodule(change.shares))
+            else:
+                spec.builder(layer, **options)
     rewritten: set[str] = set()
     for change in plan_.changes:
         if change.action == "rewrite" and change.path not in rewritten:

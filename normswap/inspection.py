@@ -96,7 +96,9 @@ def norm_rows(model: nn.Module) -> list[NormRow]:
             continue
         acts = [type(m).__name__ for m in (info.drop, info.act) if m is not None]
         features = "x".join(map(str, info.normalized_shape)) if not info.channels_first else str(info.num_features)
-        rows.append(NormRow(path or "<root>", name, info.kind, features, f"{info.eps:g}",
+        features = features or "any"  # a norm without parameters that takes its size from the input
+        kind = f"{info.kind} (probed)" if info.identified else info.kind
+        rows.append(NormRow(path or "<root>", name, kind, features, f"{info.eps:g}",
                             "yes" if info.weight is not None else "no", "+".join(acts) or "-"))
     return rows
 

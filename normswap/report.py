@@ -24,6 +24,7 @@ class Change:
     warnings: tuple[str, ...] = ()
     reason: str = ""
     also_at: tuple[str, ...] = ()
+    shares: str = ""  # reparametrize: the layer whose parametrization this one shares (their weights are tied)
 
 
 @dataclass

@@ -23,8 +23,9 @@ SOURCES = {"gn_ws": ("batch",), "gn": ("batch",), "in": ("batch",), "ghost_bn": 
            "rms": ("layer",), "bert_ln": ("layer",)}
 GROUP_FAMILY = ("gn_ws", "gn", "in")  # specs whose output must not depend on the batch
 # class names of norms, by family, written independently of normswap's own probing patterns
-_NAMES = (("rms", re.compile(r"RMSNorm|RmsNorm|T5LayerNorm")), ("batch", re.compile(r"BatchNorm|FrozenBN")),
-          ("layer", re.compile(r"LayerNorm")))
+_SUFFIX = r"(\d+d|Act\d*d?|Fp32|2d)?$"  # BatchNorm2d, BatchNormAct2d, LayerNormFp32, ...: a norm, not a block
+_NAMES = (("rms", re.compile(r"(RMSNorm|RmsNorm|T5LayerNorm)" + _SUFFIX)),
+          ("batch", re.compile(r"(BatchNorm|FrozenBN)" + _SUFFIX)), ("layer", re.compile(r"LayerNorm" + _SUFFIX)))
 _TORCH = ((nn.modules.batchnorm._BatchNorm, "batch"), (nn.LayerNorm, "layer"), (nn.RMSNorm, "rms"))
 
 

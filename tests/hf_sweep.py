@@ -16,6 +16,7 @@ finite forward (eval) and backward (train); batch independence for the GroupNorm
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -287,7 +288,7 @@ def check_spec(model: nn.Module, inputs: dict, spec: str) -> list[str]:
         ("formula", lambda: formula_errors(converted, normswap.last_plan(converted), inputs, run)),
         ("conv feeds", lambda: unstandardized_feeds(converted, normswap.last_plan(converted), inputs, run)
          if spec == "gn_ws" else []),
-        ("finite", lambda: _finite(converted, inputs)),
+        ("finite", lambda: _finite(model, converted, inputs)),
         ("batch independence", lambda: _batch_independence(model, converted, inputs) if spec in GROUP_FAMILY else []),
         ("save/load", lambda: _round_trip(converted, inputs)),
     )
@@ -299,16 +300,24 @@ def check_spec(model: nn.Module, inputs: dict, spec: str) -> list[str]:
     return failures
 
 
-def _finite(model: nn.Module, inputs: dict) -> list[str]:
+def _finite(original: nn.Module, model: nn.Module, inputs: dict) -> list[str]:
+    """Finite forward in eval mode and backward in train mode; a model that needs more than these inputs in
+    train mode (labels, say: the original refuses them just the same) does its backward in eval mode."""
     out = []
-    for train in (False, True):
-        model.train(train)
+    train = True
+    try:
+        with torch.no_grad():
+            run(copy.deepcopy(original).train(), inputs)
+    except Exception:  # noqa: BLE001 - the unconverted model does not run in train mode on these inputs
+        train = False
+    for mode, backward in ((False, False), (train, True)):
+        model.train(mode)
         model.zero_grad(set_to_none=True)
         y = output_tensor(run(model, inputs))
         if not bool(torch.isfinite(y).all()):
-            out.append(f"non-finite output in {'train' if train else 'eval'} mode")
+            out.append(f"non-finite output in {'train' if mode else 'eval'} mode")
             continue
-        if train:
+        if backward:
             y.float().square().mean().backward()
             bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             if bad:
@@ -441,12 +450,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_record(results: list[dict], path: str) -> None:
+    """The sweep as ``tests/data/hf_sweep.json`` records it: versions, date, and per type whether it built,
+    in how many seconds, and each spec's failures (the fast suite samples from the types that built fast)."""
+    import datetime
+
+    import transformers
+
+    types = {r["type"]: {"built": bool(r.get("built")), "seconds": round(r.get("seconds") or 0, 1),
+                         "specs": r.get("specs", {}), **({} if r.get("built") else {"reason": r.get("reason", "")})}
+             for r in sorted(results, key=lambda r: r["type"])}
+    record = {"transformers": transformers.__version__, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "types": types}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help="check one model type in this process and print its JSON line")
     parser.add_argument("--out", help="write one JSON line per type here (appended; types already in it are skipped)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=TIMEOUT)
+    parser.add_argument("--record", help="write the results as tests/data/hf_sweep.json records them")
     parser.add_argument("types", nargs="*")
     args = parser.parse_args(argv)
     if args.one:
@@ -468,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     run_forked(todo, _safe_one, _failed, workers=args.workers, timeout=args.timeout, done=record)
     print(table(log.all))
+    if args.record:
+        write_record(log.all, args.record)
     return 0
 
 

@@ -331,3 +331,8 @@ def test_a_norm_that_ignores_its_dummy_weight_is_replaced_by_one_of_any_size():
     converted = normswap.convert(model, "ln")
     x = torch.randn(3, 4)
     torch.testing.assert_close(converted(x), F.layer_norm(model[0](x), (6,), eps=1e-6))
+
+
+def test_inspect_marks_probed_norms():
+    rows = normswap.inspect(nn.Sequential(nn.Linear(8, 8), WrittenNorm(8, "rms", 1e-6, "w", False))).norms
+    assert [(r.path, r.kind, r.features) for r in rows] == [("1", "rms (probed)", "8")]

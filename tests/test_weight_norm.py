@@ -102,3 +102,46 @@ def test_hf_gpt2_conv1d_and_generate():
     attn = converted.transformer.h[0].attn.c_attn  # Conv1D: weight [in, out], normalized per output column
     assert attn.parametrizations.weight.original0.shape == (1, 3 * 16)
     assert converted.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+def test_tied_weights_stay_tied_through_convert_train_save_and_remove(tmp_path):
+    """`b.weight = a.weight`: one parametrization, shared; a plain checkpoint loads into it; folding back
+    gives one weight again."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    x = torch.randn(3, 4)
+    converted = normswap.convert(model, "wn")
+    rows = normswap.last_plan(converted).changes
+    assert [(c.path, c.action, c.shares) for c in rows] == [("0", "reparametrize", ""), ("2", "reparametrize", "0")]
+    assert converted[0].parametrizations.weight is converted[2].parametrizations.weight
+    torch.testing.assert_close(converted(x), model(x))
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+    converted(x).square().sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(converted[0].weight, converted[2].weight, rtol=0, atol=0)  # trained, still tied
+    fresh = normswap.convert(model, "wn")
+    normswap.load_state_dict(fresh, model.state_dict())  # a checkpoint of the original: both keys tied
+    torch.testing.assert_close(fresh(x), model(x))
+    folded = normswap.remove_weight_norm(converted)
+    assert folded[0].weight is folded[2].weight
+
+
+def test_a_weight_tied_to_a_layer_wn_leaves_alone_is_skipped_and_saves(tmp_path):
+    """GPT-2's lm_head shares its weight with the token embedding, which wn does not transform: lm_head is
+    skipped with that reason, so the tie survives and save_pretrained, save and convert_checkpoint work."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4,
+                                                                  n_positions=64)).eval()
+    converted = normswap.convert(model, "wn").eval()
+    row = next(c for c in normswap.last_plan(converted).changes if c.path == "lm_head")
+    assert row.action == "skip" and "tied to transformer.wte.weight (Embedding)" in row.reason
+    assert converted.lm_head.weight is converted.transformer.wte.weight
+    ids = torch.tensor([[1, 5, 7, 9]])
+    expected = converted(ids).logits
+    converted.save_pretrained(tmp_path / "folder")
+    normswap.save(converted, tmp_path / "file.safetensors")
+    model.save_pretrained(tmp_path / "orig")
+    normswap.convert_checkpoint(tmp_path / "orig", tmp_path / "converted.safetensors", "wn")
+    with torch.no_grad():
+        for path in ("folder", "file.safetensors", "converted.safetensors"):
+            torch.testing.assert_close(normswap.load(tmp_path / path).eval()(ids).logits, expected)

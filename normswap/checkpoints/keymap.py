@@ -188,11 +188,20 @@ class _Mapper:
                 if k != first:
                     self.out.aliases[k] = first
                     self.used.update(x for x in present if x == k)
+                    self._mark_alias_sources(k)
         for name in self.avail:
             if name not in self.used:
                 self.leftover(name)
         self.finish()
         return self.out
+
+    def _mark_alias_sources(self, key: str) -> None:
+        """A tied key takes its value from the key it shares storage with; what the checkpoint holds for it
+        under its own name (``2.weight`` for a weight-norm parametrization shared with ``0``) is used too."""
+        saved = (dict(self.out.entries), list(self.missing), list(self.mismatch),
+                 {k: list(v) for k, v in self.counts.items()})
+        self.resolve(key)
+        self.out.entries, self.missing, self.mismatch, self.counts = saved
 
     def resolve(self, key: str) -> None:
         want = self.expected[key]

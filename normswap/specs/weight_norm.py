@@ -58,6 +58,7 @@ def _plain_weight_hook(dim: int):
             state_dict[g_key] = torch.norm_except_dim(weight, 2, dim)  # as torch's _WeightNorm.right_inverse
             state_dict[f"{prefix}parametrizations.weight.original1"] = weight
 
+    hook._normswap_plain_weight = True
     return hook
 
 
@@ -76,6 +77,24 @@ def wn(layer: nn.Module, *, dim: int | None = None) -> None:
     layer._register_load_state_dict_pre_hook(_plain_weight_hook(d), with_module=True)
 
 
+def share_weight_parametrization(layer: nn.Module, leader: nn.Module) -> None:
+    """Give ``layer``, whose ``weight`` is tied to ``leader``'s, ``leader``'s weight parametrization itself:
+    one set of original tensors (g and v for ``wn``), so the weights stay tied through training and saving.
+
+    Example:
+        >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        >>> b.weight = a.weight
+        >>> wn(a); share_weight_parametrization(b, a)
+        >>> a.parametrizations.weight.original0 is b.parametrizations.weight.original0
+        True
+    """
+    parametrize.register_parametrization(layer, "weight", nn.Identity(), unsafe=True)
+    layer.parametrizations["weight"] = leader.parametrizations["weight"]
+    for hook in leader._load_state_dict_pre_hooks.values():
+        if getattr(hook.hook, "_normswap_plain_weight", False):
+            layer._register_load_state_dict_pre_hook(hook.hook, with_module=True)
+
+
 def remove_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold weight normalization back into plain ``weight`` parameters (the ``wn`` spec's undo).
 
@@ -91,12 +110,13 @@ def remove_weight_norm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise NormSwapError(f"remove_weight_norm: expected a torch.nn.Module, got {type(model).__name__}.")
     target = model if inplace else _copy(model)
+    folded: dict[int, nn.Parameter] = {}  # one plain weight per parametrization: layers that shared one stay tied
     for path, layer in target.named_modules():
         if parametrize.is_parametrized(layer, "weight") and _has_weight_norm(layer):
             if len(layer.parametrizations["weight"]) > 1 or len(layer.parametrizations) > 1:
                 raise NormSwapError(f"remove_weight_norm: {path or type(layer).__name__} has other parametrizations "
                                     "besides its weight norm; remove those first (torch.nn.utils.parametrize).")
-            _unparametrize_weight(layer)
+            _unparametrize_weight(layer, folded)
         elif _has_weight_norm(layer):
             torch.nn.utils.remove_weight_norm(layer)
     return target
@@ -122,14 +142,18 @@ def _copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _unparametrize_weight(layer: nn.Module) -> None:
+def _unparametrize_weight(layer: nn.Module, folded: dict[int, nn.Parameter]) -> None:
     """``parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)``, without its last step.
 
     torch's version also deletes the ``weight`` property from the layer's parametrized class, which a deep
     copy shares with the original model: the original would lose its weight. Here only the layer changes.
+    Layers sharing one parametrization (tied weights) get the same folded ``Parameter`` from ``folded``.
     """
-    original = layer.parametrizations["weight"].original1
-    weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=original.requires_grad)
+    plist = layer.parametrizations["weight"]
+    weight = folded.get(id(plist))
+    if weight is None:
+        weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=plist.original1.requires_grad)
+        folded[id(plist)] = weight
     del layer._modules["parametrizations"]
     layer.__class__ = layer.__class__.__bases__[0]
     layer.register_parameter("weight", weight)
