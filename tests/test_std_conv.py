@@ -62,15 +62,15 @@ def test_eval_cache_reused_and_invalidated_on_change():
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         y1 = conv(x)
-        cached = conv._ws_cache[1]
+        cached = conv._ws_cache[2]
         conv(x)
-        assert conv._ws_cache[1] is cached  # not recomputed
+        assert conv._ws_cache[2] is cached  # not recomputed
         conv.weight.mul_(2)  # an optimizer-style in-place update bumps the version counter
         conv.weight.add_(torch.randn_like(conv.weight))
         y2 = conv(x)
-        assert conv._ws_cache[1] is not cached
+        assert conv._ws_cache[2] is not cached
     fresh = standardize_weight(conv.weight.detach())
-    torch.testing.assert_close(conv._ws_cache[1], fresh)
+    torch.testing.assert_close(conv._ws_cache[2], fresh)
     assert not torch.allclose(y1, y2)
     conv.load_state_dict({"weight": torch.randn(8, 4, 3, 3), "bias": torch.zeros(8)})
     with torch.no_grad():
@@ -118,3 +118,24 @@ def test_bf16_finite():
     y = conv(x)
     y.float().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(conv.weight.grad).all()
+
+
+def test_no_stale_weight_from_a_parametrized_conv():
+    """A parametrized weight is a new tensor at every access; the old cache keyed on (id, version, address)
+    of such a tensor collided (4 stale outputs in 1000). Writes into the parametrization's original, in eval
+    mode, must show in every output."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    conv = standardize_conv(nn.Conv2d(3, 4, 3, bias=False)).eval()
+    parametrize.register_parametrization(conv, "weight", Scale())
+    x = torch.randn(1, 3, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(200):
+            conv.parametrizations.weight.original.copy_(torch.randn(4, 3, 3, 3, generator=g))
+            expected = torch.nn.functional.conv2d(x, standardize_weight(conv.weight))
+            torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)

@@ -57,16 +57,22 @@ class _StandardizedConv:
             self.training  # type: ignore[attr-defined]
             or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and w.requires_grad)
+            # only a weight held as this conv's own parameter is cached: a parametrized or computed weight is a
+            # new tensor at every access, whose id and address a later one may reuse
+            or self._parameters.get("weight") is not w  # type: ignore[attr-defined]
         ):
+            self.__dict__.pop("_ws_cache", None)
             return standardize_weight(w, self.ws_eps, self.ws_eps_mode)
-        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device, torch.is_inference_mode_enabled(),
-               self.ws_eps, self.ws_eps_mode)
+        # the cache holds the weight itself (its identity cannot be reused while cached); every write torch
+        # tracks bumps _version, and a new tensor or storage changes the address, dtype or device
+        key = (w._version, w.data_ptr(), w.dtype, w.device, torch.is_inference_mode_enabled(), self.ws_eps,
+               self.ws_eps_mode)
         cached = self.__dict__.get("_ws_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not w or cached[1] != key:
             with torch.no_grad():
-                cached = (key, standardize_weight(w, self.ws_eps, self.ws_eps_mode))
+                cached = (w, key, standardize_weight(w, self.ws_eps, self.ws_eps_mode))
             self.__dict__["_ws_cache"] = cached
-        return cached[1]
+        return cached[2]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ws_eps={self.ws_eps}, ws_eps_mode={self.ws_eps_mode!r}"  # type: ignore[misc]
