@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .adapters.base import NormInfo
 from .graph.relations import FUNCTIONAL_NORMS
@@ -36,6 +37,14 @@ def carry_over(new: nn.Module, info: NormInfo, source: nn.Module) -> tuple[list[
     for name in ("weight", "bias"):
         old = getattr(info, name)
         slot = new._parameters.get(name)
+        if parametrize.is_parametrized(source, name) and slot is not None and old is not None \
+                and old.shape == slot.shape and info.weight_offset == 0.0:
+            # the same parametrization (its original tensors, its key) moves to the replacement
+            parametrize.register_parametrization(new, name, nn.Identity(), unsafe=True)
+            new.parametrizations[name] = source.parametrizations[name]
+            carried.append(name)
+            notes.append(f"{name} keeps its parametrization ({type(source.parametrizations[name][0]).__name__})")
+            continue
         if slot is None:
             if old is not None:
                 notes.append(f"{name} not carried: the new layer has none")

@@ -517,3 +517,20 @@ def test_folders_transformers_converts_on_load_load_and_convert(tmp_path):
         for out in (tmp_path / "moe.safetensors", tmp_path / "moe-ln-folder"):
             normswap.convert_checkpoint(tmp_path / "moe", out, "ln")
             torch.testing.assert_close(normswap.load(out).eval()(ids).logits, converted(ids).logits, rtol=0, atol=0)
+
+
+def test_affine_free_batch_norm_and_shared_wn_modules_load_across_the_conversion():
+    """A converted checkpoint of BatchNorm(affine=False) loads back into the original (running statistics
+    set to 0/1, as the README says for every BatchNorm); an original checkpoint loads into `wn` on a module
+    used at two paths."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False))
+    converted = normswap.convert(model, "gn_ws", groups=2)
+    report = normswap.load_state_dict(model, converted.state_dict())
+    assert any("set to mean 0, var 1" in n for n in report.notes)
+    assert torch.equal(model[1].running_var, torch.ones(8))
+    shared = nn.Linear(4, 4)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    wn = normswap.convert(twice, "wn")
+    normswap.load_state_dict(wn, twice.state_dict())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(wn(x), twice(x))

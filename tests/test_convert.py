@@ -325,3 +325,21 @@ def test_bert_ln_leaves_a_functional_norm_over_one_value_as_it_is():
     torch.testing.assert_close(b, F.layer_norm(x[..., :1], (1,)))
     torch.testing.assert_close(c, expected)
     assert not normswap.plan(model, "gn_ws").changes  # F.layer_norm is no BatchNorm: no row for gn_ws
+
+
+def test_a_parametrized_norm_weight_keeps_its_parametrization_and_key():
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.1
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    parametrize.register_parametrization(model[1], "weight", Positive())
+    converted = normswap.convert(model, "gn_ws", groups=2)
+    row = normswap.last_plan(converted).replaced[0]
+    assert "weight keeps its parametrization (Positive)" in row.warnings and "frozen buffer" not in str(row.warnings)
+    assert "1.parametrizations.weight.original" in converted.state_dict()  # the key does not change
+    torch.testing.assert_close(converted[1].weight, model[1].weight)
+    converted(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert converted[1].parametrizations.weight.original.grad is not None

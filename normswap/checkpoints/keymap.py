@@ -217,7 +217,9 @@ class _Mapper:
             return
         module = _module(self.model, path)
         has_weight = f"{path}.weight" in self.avail
-        if leaf in RUNNING_STATS and (has_weight or f"{path}.bias" in self.avail) and _is_norm(module):
+        # a norm without affine parameters (BatchNorm(affine=False)) has no other key to show it is there
+        affine_free = module is not None and getattr(module, "weight", None) is None and getattr(module, "bias", None) is None
+        if leaf in RUNNING_STATS and (has_weight or f"{path}.bias" in self.avail or affine_free) and _is_norm(module):
             value = 1.0 if leaf == "running_var" else 0.0
             self.take(key, TensorInfo(want.dtype, shape), (), _const(value, want.dtype, shape))
             self.note("stats_init", path)
