@@ -328,3 +328,15 @@ def test_compile_option_trains_like_eager(tmp_path):
     b = normswap.load(compiled.checkpoint / "model.safetensors").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_a_new_run_never_replaces_a_finished_one(tmp_path):
+    """A second run into the same output_dir is refused (it would replace the metrics and checkpoints);
+    resume= continues it instead; the first run's files are untouched by the refusal."""
+    first = image_run(tmp_path, "max_steps=2")
+    before = {p: p.read_bytes() for p in first.output_dir.rglob("*") if p.is_file()}
+    with pytest.raises(RecipeError, match="already holds a run"):
+        image_run(tmp_path, "max_steps=2")
+    assert {p: p.read_bytes() for p in first.output_dir.rglob("*") if p.is_file()} == before
+    resumed = image_run(tmp_path, "max_steps=3", f"resume={first.output_dir}")
+    assert resumed.steps == 3

@@ -30,7 +30,7 @@ from ..regularizers import OrthogonalRegularizer, RegularizedStep
 from . import distributed
 from .builders import build_data, build_optimizer, build_recipe_model, build_scheduler, task_of
 from .data import DataError
-from .recipe import apply_overrides, read_recipe, validate
+from .recipe import RecipeError, apply_overrides, read_recipe, validate
 from .state import MODEL, find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 
 METRICS = "metrics.jsonl"
@@ -288,11 +288,25 @@ def finetune(recipe: str | pathlib.Path | dict[str, Any], overrides: Sequence[st
         >>> result = finetune("recipes/gn_ws_resnet_microbatch.yaml", ["data=builtin", "max_steps=20"])  # doctest: +SKIP
     """
     cfg = load_config(recipe, overrides)
+    _refuse_to_replace_a_run(cfg, str(recipe) if not isinstance(recipe, dict) else "recipe")
     run = _Run(cfg, progress)
     try:
         return _train(run)
     finally:
         run.dist.close()
+
+
+RUN_FILES = (CONFIG, METRICS, "checkpoints")  # what a run writes that a fresh run would replace
+
+
+def _refuse_to_replace_a_run(cfg: dict[str, Any], source: str) -> None:
+    """A fresh run into an ``output_dir`` that holds a run would replace its metrics and checkpoints: refused
+    (the previous run continues with ``resume=``); only a resumed run writes into its own folder."""
+    out = pathlib.Path(cfg["output_dir"])
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg["resume"]:
+        raise RecipeError(source, [f"output_dir: {out} already holds a run ({', '.join(found)}); continue it with "
+                                   f"resume={out}, or give another output_dir: a new run never replaces one"])
 
 
 def _train(run: _Run) -> RunResult:
