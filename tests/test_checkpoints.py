@@ -409,13 +409,21 @@ def test_failure_mid_write_leaves_no_partial_output(timm_ckpt, tmp_path, monkeyp
     assert not out.exists() and not (tmp_path / "sub").exists() and not leftovers(tmp_path)
 
 
-def test_force_replaces_an_existing_folder_atomically(tmp_path):
+def test_force_replaces_only_a_folder_normswap_wrote(tmp_path):
+    """--force replaces an output folder normswap wrote, atomically; a folder it did not write (`--out ..`
+    from inside a project) is refused even with --force, and every file in it stays."""
     tiny_bert_folder(tmp_path / "orig")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    normswap.convert_checkpoint(tmp_path / "orig", out, "rms", force=True)
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file() and not leftovers(tmp_path)
+    normswap.convert_checkpoint(tmp_path / "orig", out, "rms")
+    (out / "stale.txt").write_text("from an earlier conversion")
+    normswap.convert_checkpoint(tmp_path / "orig", out, "bert_ln", force=True)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file() and not leftovers(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('mine')")
+    with pytest.raises(normswap.DestinationExistsError, match="did not write"):
+        normswap.convert_checkpoint(tmp_path / "orig", project, "rms", force=True)
+    assert (project / "train.py").read_text() == "print('mine')" and not leftovers(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------- inspect
@@ -534,3 +542,22 @@ def test_affine_free_batch_norm_and_shared_wn_modules_load_across_the_conversion
     normswap.load_state_dict(wn, twice.state_dict())
     x = torch.randn(2, 4)
     torch.testing.assert_close(wn(x), twice(x))
+
+
+def test_files_outside_the_source_folder_are_never_read_or_copied(tmp_path):
+    """A tokenizer file that is a link to elsewhere is not copied into the output; a shard index naming
+    ../x or an absolute path is refused."""
+    tiny_bert_folder(tmp_path / "orig")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    (tmp_path / "orig" / "tokenizer.json").symlink_to(secret)
+    (tmp_path / "orig" / "vocab.txt").write_text("[PAD]\n")
+    normswap.convert_checkpoint(tmp_path / "orig", tmp_path / "out", "rms")
+    assert not (tmp_path / "out" / "tokenizer.json").exists() and (tmp_path / "out" / "vocab.txt").is_file()
+    for name in ("../secret.safetensors", str(secret)):
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        (bad / "config.json").write_text((tmp_path / "orig" / "config.json").read_text())
+        (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+        with pytest.raises(normswap.CheckpointError, match="outside its folder"):
+            normswap.load(bad)

@@ -1,7 +1,8 @@
 """Write an output file or folder atomically: a temporary name in the destination folder, renamed into
 place only when complete. An existing destination is refused unless ``force=True``; an input is never
-overwritten, even with ``force``; any failure (an exception, Ctrl-C) removes the temporary and leaves
-the destination as it was.
+overwritten, even with ``force``; a folder is replaced only when normswap wrote it (its marker file) or
+it is empty; any failure (an exception, Ctrl-C) removes the temporary and leaves the destination as it
+was.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ def check_destination(dst: pathlib.Path, *, force: bool, inputs: Iterable[pathli
                                          "overwrites its input - write to another path")
     if dst.exists() and not force:
         raise DestinationExistsError(f"{dst}: already exists; pass --force (force=True) to replace it")
+    if dst.is_dir() and not dst.is_symlink() and not _written_by_normswap(dst):
+        held = ", ".join(sorted(p.name for p in dst.iterdir())[:5])
+        raise DestinationExistsError(f"{dst}: a folder normswap did not write (it holds {held}); normswap replaces "
+                                     "only folders it wrote, even with --force: remove it yourself or write elsewhere")
+
+
+MARKER = ".normswap"  # written into every folder normswap writes, so --force knows what it may replace
+
+
+def _written_by_normswap(folder: pathlib.Path) -> bool:
+    """An empty folder, or one holding normswap's marker file."""
+    try:
+        return (folder / MARKER).is_file() or not any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -72,6 +88,7 @@ def atomic_output(dst: str | os.PathLike, *, force: bool = False, folder: bool =
     tmp = dst.parent / f".{dst.name}.normswap-{uuid.uuid4().hex[:12]}.tmp"
     if folder:
         tmp.mkdir()
+        (tmp / MARKER).write_text("written by normswap; `--force` may replace this folder\n")
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -212,14 +212,31 @@ def hf_weight_files(folder: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
             return ("safetensors" if name.endswith(".safetensors") else "pickle"), [path]
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-            shards = sorted({folder / f for f in weight_map.values()})
+            names = set(weight_map.values())
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("shard names must be strings")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: not a valid shard index ({type(exc).__name__}: {exc})") from None
+        outside = sorted(n for n in names if not _inside(folder, folder / n))
+        if outside:
+            raise CheckpointError(f"{path}: names shards outside its folder ({', '.join(map(repr, outside[:3]))}); "
+                                  "normswap reads only files inside the folder it is given")
+        shards = sorted(folder / n for n in names)
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise CheckpointNotFoundError(f"{path}: lists shards that are not in the folder: {', '.join(missing[:5])}")
         return ("safetensors" if name.startswith("model.safetensors") else "pickle"), shards
     raise CheckpointNotFoundError(f"{folder}: an HF model folder without weights (looked for {', '.join(HF_WEIGHTS)})")
+
+
+def _inside(folder: pathlib.Path, path: pathlib.Path) -> bool:
+    """Whether ``path`` is a plain name inside ``folder``: no ``..``, not absolute, no link leading out."""
+    if path.is_symlink():
+        return False
+    try:
+        return path.resolve().parent == folder.resolve() and path.name not in ("", ".", "..")
+    except OSError:
+        return False
 
 
 def read_config(folder: pathlib.Path) -> dict | None:

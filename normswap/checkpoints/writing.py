@@ -78,6 +78,8 @@ def write_hf_folder(folder: pathlib.Path, model: nn.Module, source: pathlib.Path
     if source is not None and source.is_dir():
         skip = {"config.json", *HF_WEIGHTS}
         for f in source.iterdir():
-            if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) \
-                    and not (folder / f.name).exists():
-                shutil.copy2(f, folder / f.name)
+            # a link is not followed: what it points to lies outside the folder the user named
+            if f.is_symlink() or not f.is_file() or f.name in skip or (folder / f.name).exists() \
+                    or f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                continue
+            shutil.copy2(f, folder / f.name)
