@@ -59,9 +59,25 @@ def build_model(spec: str, *, device: str | torch.device | None = None, **kwargs
         if kwargs:
             raise OptionError(f"model arguments {sorted(kwargs)} apply to timm models; an HF model takes its "
                               f"settings from {path / 'config.json'}")
-        config = _transformers().AutoConfig.from_pretrained(path, local_files_only=True)
+        config = read_hf_config(path)
         return _build_hf(config, device, where=str(path))
     raise OptionError(f"model {spec!r}: expected 'timm:NAME' or a folder holding config.json")
+
+
+def read_hf_config(folder: str | pathlib.Path) -> Any:
+    """The transformers config of an HF folder, never running code from it (``trust_remote_code=False``: a
+    config whose ``auto_map`` names the folder's own Python files is read with the library's class for its
+    ``model_type``, or refused), and never asking on the terminal.
+
+    Example:
+        >>> config = read_hf_config("./bert-base/")  # doctest: +SKIP
+    """
+    try:
+        return _transformers().AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise NormSwapError(f"{folder}: transformers cannot read its config.json without running code from the "
+                            f"folder, which normswap never does ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                            ) from None
 
 
 def build_base(base: dict, *, device: str | torch.device | None = None) -> nn.Module:
@@ -120,7 +136,7 @@ def _build_hf(config: Any, device: str | torch.device | None, where: str) -> nn.
             if classes:
                 cls = classes[0]
                 return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-            return transformers.AutoModel.from_config(config)
+            return transformers.AutoModel.from_config(config, trust_remote_code=False)
         except ValueError as exc:
             raise NormSwapError(f"{where}: no transformers model class for model_type "
                                 f"{config.model_type!r} ({exc})") from None

@@ -561,3 +561,28 @@ def test_files_outside_the_source_folder_are_never_read_or_copied(tmp_path):
         (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
         with pytest.raises(normswap.CheckpointError, match="outside its folder"):
             normswap.load(bad)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "evilbert"])
+def test_a_folder_with_custom_code_never_runs_it_nor_prompts(tmp_path, model_type):
+    """config.json's auto_map names the folder's own Python file: a known model_type is built with the
+    library's class, an unknown one is refused with one error; the file never runs, nothing is asked."""
+    tiny_bert_folder(tmp_path / "orig")
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    config.update(model_type=model_type, architectures=["EvilModel"],
+                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "pwned"
+    (tmp_path / "orig" / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                               "from transformers import BertConfig as EvilConfig\n"
+                                               "from transformers import BertModel as EvilModel\n")
+    if model_type == "bert":  # the library's BertModel: the masked-LM head's keys do not fit it, said in one error
+        with pytest.raises(normswap.CheckpointError, match="in the checkpoint but not in the model"):
+            normswap.load(tmp_path / "orig")
+        from normswap.models import build_model
+
+        assert type(build_model(str(tmp_path / "orig"))).__name__ == "BertModel"
+    else:
+        with pytest.raises(normswap.NormSwapError, match="never does"):
+            normswap.load(tmp_path / "orig")
+    assert not marker.exists()

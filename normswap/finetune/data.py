@@ -283,7 +283,7 @@ def text_table(path: str, tokenizer: str, task: str, seed: int, model_config: An
         raise DataError(f"data.tokenizer: {tok_dir} is not a folder holding a tokenizer (tokenizer.json or vocab.txt)")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
     val_rows = read_table(pathlib.Path(val_path)) if val_path else None
     if val_rows is None:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
