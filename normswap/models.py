@@ -96,6 +96,11 @@ def build_base(base: dict, *, device: str | torch.device | None = None) -> nn.Mo
                 model = timm.create_model(name, pretrained=False, **kwargs)
             except TypeError as exc:
                 raise OptionError(f"timm model {name!r} does not take these arguments {kwargs}: {exc}") from None
+            except (ValueError, AssertionError, KeyError, IndexError, RuntimeError) as exc:
+                if device is not None and torch.device(device).type == "meta":
+                    raise  # the caller builds in memory instead
+                raise NormSwapError(f"timm model {name!r} does not build with {kwargs} ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]})") from None
         model.__dict__[BASE_KEY] = {"timm": name, "kwargs": kwargs}
         return model
     if "hf" in base:
@@ -106,7 +111,12 @@ def build_base(base: dict, *, device: str | torch.device | None = None) -> nn.Mo
             raise NormSwapError("the recorded HF config has no model_type; pass the model folder instead")
         config.pop(RECORD_KEY, None)
         config["architectures"] = [base["hf"]]
-        return _build_hf(transformers.AutoConfig.for_model(model_type, **config), device, where=base["hf"])
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise NormSwapError(f"the recorded HF config (model_type {model_type!r}) is not one transformers builds "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        return _build_hf(hf_config, device, where=base["hf"])
     raise NormSwapError(f"unknown base description {sorted(base)}: expected a 'timm' or 'hf' entry")
 
 

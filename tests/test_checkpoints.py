@@ -7,6 +7,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import normswap
@@ -586,3 +588,71 @@ def test_a_folder_with_custom_code_never_runs_it_nor_prompts(tmp_path, model_typ
         with pytest.raises(normswap.NormSwapError, match="never does"):
             normswap.load(tmp_path / "orig")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ untrusted records
+
+
+def _with_record(tmp_path, record) -> pathlib.Path:
+    """A small .safetensors file whose normswap metadata is ``record`` (any JSON, or raw text)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "r.safetensors"
+    text = record if isinstance(record, str) else json.dumps(record)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"normswap": text})
+    return path
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"format": 1, "base": {"timm": "test_resnet", "kwargs": {"checkpoint_path": "/etc/passwd"}}}, "read files"),
+    ({"format": 1, "base": {"timm": "test_resnet", "kwargs": {"pretrained": True}}}, "read files"),
+    ({"format": "1", "conversions": []}, "format: a positive integer"),
+    ({"format": 1, "conversions": {"spec": "gn"}}, "conversions: a list"),
+    ({"format": 1, "conversions": [{"spec": 3}]}, r"conversions\[0\]"),
+    ({"format": 1, "base": {"hf": "Bert Model", "config": {"model_type": "bert"}}}, "base.hf"),
+    ({"format": 1, "base": {"hf": "BertModel"}}, "base.config"),
+    ({"format": 1, "base": [1, 2]}, "base:"),
+    ({"format": 1, "extra": 1}, "unknown entries"),
+    ([1, 2, 3], "not a JSON object"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON"),
+    ({"format": 1, "conversions": [{"spec": "gn", "options": {"a": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}}]}, "deeper"),
+])
+def test_a_malformed_record_is_one_checkpoint_error(tmp_path, record, match):
+    with pytest.raises(normswap.CheckpointError, match=match):
+        normswap.load(_with_record(tmp_path, record))
+
+
+def test_absurd_recorded_sizes_are_refused_on_the_meta_device(tmp_path, monkeypatch):
+    """A 7 KB folder whose config names hidden_size 16384: the model is built on meta and the weights checked
+    against it first, so the refusal comes before any real allocation (5.7 GB before)."""
+    from normswap import models
+
+    tiny_bert_folder(tmp_path / "orig")
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_attention_heads=16)
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
+    devices = []
+    real = models._build_hf
+    monkeypatch.setattr(models, "_build_hf", lambda config, device, where: devices.append(device) or
+                        real(config, device, where))
+    with pytest.raises(normswap.CheckpointError, match="does not fit"):
+        normswap.load(tmp_path / "orig")
+    assert devices == ["meta"]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children,
+                                                                                       max_size=3), max_leaves=12)
+RECORDS = st.fixed_dictionaries({}, optional={"format": JSON, "base": JSON | st.fixed_dictionaries(
+    {"timm": JSON | st.sampled_from(["test_resnet", "nope"]), "kwargs": JSON}), "conversions": JSON | st.lists(
+        st.fixed_dictionaries({"spec": JSON | st.sampled_from(["gn", "wn", "nope"]), "options": JSON}), max_size=2),
+    "source": JSON}) | JSON
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record=RECORDS)
+def test_any_record_gives_a_model_or_one_normswap_error(tmp_path, record):
+    try:
+        normswap.load(_with_record(tmp_path, record))
+    except normswap.NormSwapError:
+        pass

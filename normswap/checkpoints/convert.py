@@ -23,7 +23,7 @@ from ..specs import get_spec
 from .atomic import atomic_output, check_destination
 from .hf_layout import in_model_layout
 from .keymap import map_keys
-from .persist import _load_mapped, base_builder, recorded_conversions
+from .persist import _load_mapped, base_builder, recorded_conversions, skeleton
 from .record import make_record, replay
 from .sources import PICKLE_SUFFIXES, open_checkpoint
 from .writing import write_hf_folder, write_mapped, write_model
@@ -47,18 +47,6 @@ class ConvertedCheckpoint:
         lines = [f"wrote {self.path} ({self.tensors} tensors, {size}, {how}, {self.seconds:.1f} s)",
                  self.plan.summary()]
         return "\n".join(lines + [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.plan.warnings])
-
-
-def _skeleton(build, conversions: list[dict[str, Any]], notes: list[str]):
-    """The base model with the recorded conversions, on ``meta`` when it builds there, else in memory."""
-    try:
-        return replay(build(device="meta"), conversions)
-    except NormSwapError:
-        raise
-    except Exception as exc:  # a model whose __init__ needs real values (e.g. calls .item())
-        notes.append(f"the model does not build on the meta device ({type(exc).__name__}: {exc}); "
-                     "its skeleton was built in memory")
-        return replay(build(), conversions)
 
 
 def is_folder_output(out: pathlib.Path) -> bool:
@@ -94,14 +82,14 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         build = base_builder(opened, model, dict(model_kwargs or {}))
         conversions = recorded_conversions(opened)
         notes: list[str] = []
-        skeleton = _skeleton(build, conversions, notes)
-        ckpt = in_model_layout(skeleton, opened)  # tensors transformers would convert on load, converted
-        base_map = map_keys(skeleton, ckpt.tensors, where=str(src))  # the checkpoint fits its model
+        skel = skeleton(build, conversions, notes)
+        ckpt = in_model_layout(skel, opened)  # tensors transformers would convert on load, converted
+        base_map = map_keys(skel, ckpt.tensors, where=str(src))  # the checkpoint fits its model
         notes += base_map.notes
         keymap = None
-        before = {k: id(v) for k, v in skeleton.state_dict(keep_vars=True).items()}
+        before = {k: id(v) for k, v in skel.state_dict(keep_vars=True).items()}
         try:
-            converted = convert(skeleton, spec, inplace=True, **options)
+            converted = convert(skel, spec, inplace=True, **options)
             plan = last_plan(converted)
             # a tensor under an unchanged key but no longer the same object was made anew: its value may be
             # derived (Gemma's 1 + weight folded into a LayerNorm weight), so only a real conversion is safe

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, NormSwapError, OptionError
 from ..models import build_base, build_model
 from .atomic import atomic_output
 from .hf_layout import in_model_layout
@@ -121,6 +121,18 @@ def base_builder(ckpt: Checkpoint, model: str | None, model_kwargs: dict[str, An
                       "name it: model='timm:NAME' or an HF folder (command line: --model)")
 
 
+def skeleton(build: Callable[..., nn.Module], conversions: list[dict[str, Any]], notes: list[str]) -> nn.Module:
+    """The base model with the recorded conversions, on ``meta`` when it builds there, else in memory."""
+    try:
+        return replay(build(device="meta"), conversions)
+    except NormSwapError:
+        raise
+    except Exception as exc:  # a model whose __init__ needs real values (e.g. calls .item())
+        notes.append(f"the model does not build on the meta device ({type(exc).__name__}: {exc}); "
+                     "its skeleton was built in memory")
+        return replay(build(), conversions)
+
+
 def recorded_conversions(ckpt: Checkpoint) -> list[dict[str, Any]]:
     return check_record(ckpt.record, str(ckpt.path)) if ckpt.record else []
 
@@ -146,7 +158,12 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
         if isinstance(model, nn.Module):
             base = model
         else:
-            base = base_builder(ckpt, model, dict(model_kwargs or {}))()
+            build = base_builder(ckpt, model, dict(model_kwargs or {}))
+            # the checkpoint must fit the model it names before that model takes memory: a record or config
+            # is untrusted, and one naming absurd sizes is refused here, on the meta device
+            skel = skeleton(build, recorded_conversions(ckpt), [])
+            map_keys(skel, in_model_layout(skel, ckpt).tensors, where=str(ckpt.path))
+            base = build()
         built = replay(base, recorded_conversions(ckpt))
         notes = load_state_dict(built, ckpt).notes
         if spec is not None:

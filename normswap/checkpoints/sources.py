@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+from .record import validate_record
 from .safetensors_io import SafetensorsFile
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -104,8 +105,8 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._where[name] = f
                 tensors[name] = TensorInfo(e.dtype, e.shape)
         record = _record_from_metadata(path, self._open[0].metadata) if len(files) == 1 else None
-        if config is not None and isinstance(config.get(RECORD_KEY), dict):
-            record = config[RECORD_KEY]
+        if config is not None and RECORD_KEY in config:
+            record = validate_record(config[RECORD_KEY], str(path / "config.json"))
         super().__init__(path, tensors, files, record, config)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -134,7 +135,9 @@ class StateDictCheckpoint(Checkpoint):
                  config: dict | None = None) -> None:
         self._state = state
         tensors = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in state.items()}
-        record = config.get(RECORD_KEY) if config is not None and isinstance(config.get(RECORD_KEY), dict) else None
+        record = None
+        if config is not None and RECORD_KEY in config:
+            record = validate_record(config[RECORD_KEY], str(path / "config.json"))
         super().__init__(path, tensors, files, record, config)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -147,11 +150,9 @@ def _record_from_metadata(path: pathlib.Path, metadata: dict[str, str]) -> dict 
         return None
     try:
         record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: its normswap metadata is not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{path}: its normswap metadata is not a JSON object")
-    return record
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: its normswap metadata is not valid JSON ({type(exc).__name__})") from None
+    return validate_record(record, str(path))
 
 
 def load_pickle(path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -246,8 +247,8 @@ def read_config(folder: pathlib.Path) -> dict | None:
         return None
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config
