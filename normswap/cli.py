@@ -11,8 +11,10 @@ without --force); 130 interrupted (Ctrl-C; no partial output is left).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import (CheckpointNotFoundError, DestinationExistsError, NormSwapError, OptionError,
@@ -220,19 +222,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with _clean_warnings():
+            return args.func(args)
     except NormSwapError as exc:
         print(f"normswap: error: {exc}", file=sys.stderr)
         return 2 if _usage_error(exc) else 1
     except BrokenPipeError:  # `normswap inspect ... | head`: the reader has what it wanted
         _silence_stdout()
         return 0
-    except OSError as exc:  # disk full, permission denied on the output...
-        print(f"normswap: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("normswap: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # disk full, permission denied, a library's own error: one line, exit 1
+        if os.environ.get("NORMSWAP_DEBUG"):
+            raise
+        print(f"normswap: error: {type(exc).__name__}: {str(exc).strip() or 'no message'} (NORMSWAP_DEBUG=1 shows "
+              "the traceback)", file=sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def _clean_warnings():
+    """Warnings printed once each, as one ``normswap: warning:`` line (no source line, no repeats)."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).removeprefix("normswap: ")
+        if text not in shown:
+            shown.add(text)
+            print(f"normswap: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def _silence_stdout() -> None:

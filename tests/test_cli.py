@@ -175,3 +175,29 @@ def test_nonsense_options_are_refused_with_the_allowed_range(run, option, value,
     assert res.returncode == 2 and f"option {option!r}" in res.stderr and allowed in res.stderr
     with pytest.raises(normswap.OptionError, match=allowed):
         normswap.plan(torch.nn.BatchNorm2d(8), "gn", **{option: float(value) if "." in value else int(value)})
+
+
+def test_every_failure_is_one_error_line_and_warnings_show_once(run, tmp_path, monkeypatch):
+    """A library error in the middle of writing (disk full while safetensors writes) is one `normswap: error:`
+    line with exit 1, not a traceback; a warning is one `normswap: warning:` line, shown once."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_vit", pretrained=False).state_dict(), str(tmp_path / "vit.safetensors"))
+    res = run("convert", str(tmp_path / "vit.safetensors"), "--model", "timm:test_vit", "--spec", "gn_ws",
+              "--out", str(tmp_path / "out.safetensors"), "-q")
+    assert res.returncode == 0
+    lines = res.stderr.splitlines()
+    assert [ln for ln in lines if "nothing to convert" in ln] == [
+        next(ln for ln in lines if ln.startswith("normswap: warning: nothing to convert"))]
+    assert "warnings.warn" not in res.stderr and "UserWarning" not in res.stderr
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("No space left on device (os error 28)")
+
+    monkeypatch.setattr("normswap.checkpoints.writing.write_safetensors", disk_full)
+    res = run("convert", str(tmp_path / "vit.safetensors"), "--model", "timm:test_vit", "--spec", "rms",
+              "--out", str(tmp_path / "rms.safetensors"), "-q")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "normswap: error: RuntimeError: No space left on device (os error 28) (NORMSWAP_DEBUG=1 shows the traceback)"]
+    assert not (tmp_path / "rms.safetensors").exists()
