@@ -221,7 +221,7 @@ def formula_errors(model: nn.Module, plan: normswap.Plan, inputs: dict, run) -> 
     seen = _capture(model, paths, inputs, run)
     bad = []
     for path, (x, out) in seen.items():
-        if not x.is_floating_point():
+        if not x.is_floating_point() or x.numel() == 0:
             continue
         ref = reference(model.get_submodule(path), x)
         if ref is None:

@@ -65,11 +65,22 @@ def output_tensor(out: Any, field: str | None = None) -> torch.Tensor:
         value = getattr(out, name, None)
         if isinstance(value, torch.Tensor):
             return value
+    found = _first_tensor(out)
+    if found is None:
+        raise OptionError(f"the model's output ({type(out).__name__}) holds no tensor to check")
+    return found
+
+
+def _first_tensor(out: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first tensor in ``out``, looking into dicts, tuples and lists (a backbone's ``feature_maps``)."""
+    if isinstance(out, torch.Tensor):
+        return out
     values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
     for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise OptionError(f"the model's output ({type(out).__name__}) holds no tensor to check")
+        found = _first_tensor(v, depth + 1) if depth < 4 else None
+        if found is not None:
+            return found
+    return None
 
 
 def _run(model: nn.Module, inputs: Inputs) -> torch.Tensor:
