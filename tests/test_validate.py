@@ -222,3 +222,10 @@ def test_a_batch_norm_planted_after_gn_ws_fails_batch_independence():
     assert report.failed[0].module == "4" and "did not skip on purpose" in report.failed[0].detail
     kept = _convert(model, "gn_ws", groups=2, exclude=["4"])  # left out on purpose: a skip, as before
     assert validate(model, kept, torch.randn(4, 3, 10, 10), checks=["batch_independence"]).rows[0].status == "skip"
+
+
+def test_the_output_tensor_is_found_inside_nested_outputs():
+    maps = (torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2))
+    assert C.output_tensor({"feature_maps": maps}) is maps[0]
+    with pytest.raises(normswap.OptionError, match="holds no tensor"):
+        C.output_tensor({"feature_maps": ()})
