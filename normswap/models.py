@@ -22,6 +22,21 @@ RECORD_KEY = "normswap"  # where a converted HF model's config keeps its convers
 RECORD_FORMAT = 1
 
 
+# create_model arguments that make timm read a file or the network
+_FILE_ARGS = ("path", "file", "dir", "url", "pretrained", "cache", "hub", "checkpoint")
+
+
+def file_reading_arguments(kwargs: dict[str, Any]) -> list[str]:
+    """The arguments among ``kwargs`` that would make timm read a file or the network (``checkpoint_path``,
+    ``pretrained``, ...): never passed from a record, refused in recipes (``init_from=`` loads weights safely).
+
+    Example:
+        >>> file_reading_arguments({"num_classes": 10, "checkpoint_path": "x.pth"})
+        ['checkpoint_path']
+    """
+    return [k for k in kwargs if isinstance(k, str) and any(w in k.lower() for w in _FILE_ARGS)]
+
+
 def device_context(device: str | torch.device | None):
     """``with device_context("meta"):`` builds modules there; ``None`` leaves torch's default."""
     return torch.device(device) if device is not None else contextlib.nullcontext()

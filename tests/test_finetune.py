@@ -340,3 +340,32 @@ def test_a_new_run_never_replaces_a_finished_one(tmp_path):
     assert {p: p.read_bytes() for p in first.output_dir.rglob("*") if p.is_file()} == before
     resumed = image_run(tmp_path, "max_steps=3", f"resume={first.output_dir}")
     assert resumed.steps == 3
+
+
+def test_validation_calls_and_imports_nothing_a_recipe_names(tmp_path, monkeypatch):
+    """`--validate-only` checks components by signature: `os.system` as the model is not called, and a module
+    of the working directory (on the path under `python -m`) is named as a problem, not imported."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "local_models.py").write_text("import pathlib\npathlib.Path('IMPORTED').touch()\n"
+                                              "def make():\n    pathlib.Path('CALLED').touch()\n")
+    marker = tmp_path / "RAN"
+    shell = {"output_dir": str(tmp_path / "run"), "data": {"_component_": "builtin"},
+             "model": {"_component_": "os.system", "command": f"touch {marker}"}}
+    load_config(shell)
+    local = {**shell, "model": {"_component_": "local_models.make"}}
+    with pytest.raises(RecipeError, match="validation imports only installed packages"):
+        load_config(local)
+    assert not marker.exists() and not (tmp_path / "IMPORTED").exists() and not (tmp_path / "CALLED").exists()
+    timm_file = {**shell, "model": {"_component_": "timm", "name": "test_resnet", "checkpoint_path": "/etc/passwd"}}
+    with pytest.raises(RecipeError, match="model.checkpoint_path: makes timm read a file"):
+        load_config(timm_file)
+
+
+def test_overrides_and_set_values_share_one_typed_parser():
+    """`optimizer.lr=1e-6` is a float (YAML 1.1 left the string '1e-6', and the run died in torch.optim); a
+    value that does not fit the component's annotation is a problem with its key path."""
+    cfg = load_config(ROOT / "recipes/gn_ws_resnet_microbatch.yaml", [*TINY_IMAGE, "output_dir=x", "optimizer.lr=1e-6"])
+    assert cfg["optimizer"]["lr"] == 1e-6
+    with pytest.raises(RecipeError, match="optimizer.lr: SGD takes float"):
+        load_config(ROOT / "recipes/gn_ws_resnet_microbatch.yaml", [*TINY_IMAGE, "output_dir=x", "optimizer.lr='fast'"])

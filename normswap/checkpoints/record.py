@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models import RECORD_FORMAT, describe_base
+from ..models import RECORD_FORMAT, describe_base, file_reading_arguments
 
 HISTORY_KEY = "_normswap_history"
 
@@ -49,8 +49,6 @@ def record_json(record: dict[str, Any], where: str) -> str:
 
 
 RECORD_KEYS = {"format", "normswap_version", "base", "conversions", "source"}
-# create_model arguments that make timm read a file or the network: a record never passes them
-_FILE_ARGS = ("path", "file", "dir", "url", "pretrained", "cache", "hub", "checkpoint")
 _MAX_DEPTH = 16
 
 
@@ -86,7 +84,7 @@ def _base_problems(base: Any) -> list[str]:
             problems.append("base.kwargs: a dict of create_model arguments")
         else:
             problems += [f"base.kwargs.{k}: an argument that makes timm read files or the network; a record never "
-                         "passes it" for k in kwargs if isinstance(k, str) and any(w in k.lower() for w in _FILE_ARGS)]
+                         "passes it" for k in file_reading_arguments(kwargs)]
             problems += [p for p in [_plain_problem(kwargs, "base.kwargs")] if p]
     else:
         if set(base) - {"hf", "config"}:

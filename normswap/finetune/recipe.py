@@ -6,7 +6,8 @@ arguments; ``orthogonal`` and ``clip`` hold the arguments of :class:`~normswap.r
 and :func:`~normswap.regularizers.clip_gradients`. :func:`validate` reports every problem at once, each
 with its key path (:class:`RecipeError`).
 
-Overrides are ``key=value`` with dotted keys (``optimizer.lr=0.1``); the value is read as YAML. Giving a
+Overrides are ``key=value`` with dotted keys (``optimizer.lr=0.1``); the value is read by the same rule as
+``normswap convert --set`` (:func:`~normswap.specs.options.parse_option_value`: ``1e-6`` is a float). Giving a
 name to a component section (``data=builtin``) switches its component and drops the old arguments.
 """
 
@@ -23,7 +24,9 @@ import yaml
 from ..errors import NormSwapError, closest
 from . import builders  # noqa: F401  (registers the model and scheduler components)
 from . import data as _data  # noqa: F401  (registers the data components)
-from .components import check_arguments, resolve, split_node
+from ..models import file_reading_arguments
+from ..specs.options import parse_option_value
+from .components import check_arguments, is_registered, resolve, split_node
 
 COMPONENTS = ("model", "data", "optimizer", "scheduler")
 
@@ -107,10 +110,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str], source: st
         if not sep or not key.strip():
             problems.append(f"override {item!r}: expected key=value")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        value = parse_option_value(raw)
         parts = key.strip().split(".")
         node = out
         for p in parts[:-1]:
@@ -189,9 +189,12 @@ def validate(recipe: dict[str, Any], source: str = "recipe", *, check_data: bool
     for name in ("resume", "init_from"):
         if isinstance(full[name], str) and not pathlib.Path(full[name]).exists():
             problems.append(f"{name}: {full[name]} does not exist")
-    # build what has no problem of its own yet, so those problems are listed in the same report
-    if isinstance(full["model"], dict) and not any(p.startswith("model") for p in problems):
-        data_ok = isinstance(full["data"], dict) and not any(p.startswith("data") for p in problems)
+    # build what has no problem of its own yet, so those problems are listed in the same report; only
+    # normswap's registered components are built: a dotted path is checked by its signature, never called
+    if isinstance(full["model"], dict) and not any(p.startswith("model") for p in problems) \
+            and is_registered("model", full["model"].get("_component_")):
+        data_ok = isinstance(full["data"], dict) and not any(p.startswith("data") for p in problems) \
+            and is_registered("data", full["data"].get("_component_"))
         problems += _check_built(full, check_data and data_ok)
     if problems:
         raise RecipeError(source, problems)
@@ -203,10 +206,14 @@ def _check_component(name: str, node: dict[str, Any]) -> list[str]:
     if component is None:
         return [f"{name}._component_: missing (a registered name or a dotted path)"]
     try:
-        fn = resolve(name, component)
+        fn = resolve(name, component, installed_only=True)
     except LookupError as exc:
         return [f"{name}._component_: {exc}"]
-    return [f"{name}.{p}" for p in check_arguments(name, fn, args)]
+    problems = [f"{name}.{p}" for p in check_arguments(name, fn, args)]
+    if name == "model" and component == "timm":
+        problems += [f"model.{k}: makes timm read a file or the network; load weights with init_from= (read with "
+                     "weights_only=True)" for k in file_reading_arguments(args)]
+    return problems
 
 
 def _check_regularizers(full: dict[str, Any]) -> list[str]:

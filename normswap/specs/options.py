@@ -57,16 +57,22 @@ class Option:
     range: Range | None = None
 
     def type_name(self) -> str:
-        kind = _type_name(self.annotation)
+        kind = type_name(self.annotation)
         return f"{kind} ({self.range.describe()})" if self.range is not None else kind
 
 
-def _type_name(ann: Any) -> str:
+def type_name(ann: Any) -> str:
+    """An annotation as people write it: ``int | None``, ``'inside' | 'outside'``, ``float``.
+
+    Example:
+        >>> type_name(int | None)
+        'int | None'
+    """
     origin = typing.get_origin(ann)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(ann))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(ann))
+        return " | ".join(type_name(a) for a in typing.get_args(ann))
     if ann is type(None):
         return "None"
     return getattr(ann, "__name__", str(ann))
@@ -150,16 +156,35 @@ def validate_options(spec_name: str, declared: dict[str, Option], given: dict[st
 
 
 def parse_option_value(text: str) -> Any:
-    """Parse a command-line ``key=value`` value: ints, floats, booleans, ``none``, or the string.
+    """Parse a command-line ``key=value`` value, the one rule for spec options (``--set``) and recipe overrides:
+    ``true``/``false``, ``none``/``null``, ints, floats (``1e-6`` included, which YAML 1.1 leaves a string),
+    ``[...]`` and ``{...}`` as YAML flow collections whose items follow the same rule, a quoted string as it is,
+    anything else as the string.
 
     Example:
         >>> parse_option_value("16"), parse_option_value("1e-6"), parse_option_value("true")
         (16, 1e-06, True)
+        >>> parse_option_value("[1e-6, none, 'a']"), parse_option_value("'1e-6'")
+        ([1e-06, None, 'a'], '1e-6')
     """
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    if text[:1] in "[{":
+        import yaml
+
+        try:
+            return _typed(yaml.safe_load(text))
+        except yaml.YAMLError:
+            return text
+    return _scalar(text)
+
+
+def _scalar(text: str) -> Any:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
-    if low in ("none", "null"):
+    if low in ("none", "null", "~", ""):
         return None
     for conv in (int, float):
         try:
@@ -167,3 +192,24 @@ def parse_option_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _typed(value: Any) -> Any:
+    """A YAML collection with its plain-string items read by :func:`_scalar` (``[1e-6]`` holds a float)."""
+    if isinstance(value, str):
+        return _scalar(value)
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    return value
+
+
+def matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a type annotation (``int``, ``float | None``, ``Literal[...]``, ``list[int]``...).
+
+    Example:
+        >>> matches("1e-6", float), matches(1e-6, float | None)
+        (False, True)
+    """
+    return _matches(value, annotation)[0]
