@@ -8,10 +8,11 @@ Example:
 from . import regularizers
 from .adapters import NormInfo, register_adapter
 from .checkpoints import ConvertedCheckpoint, LoadReport, convert_checkpoint, load, load_state_dict, save
-from .engine import NothingToConvertWarning, convert, last_plan, plan
+from .engine import NothingToConvertWarning, convert, plan
 from .errors import (CheckpointError, CheckpointNotFoundError, ConversionError, DestinationExistsError, NormSwapError,
                      OptionError, RegistrationError, UnknownSpecError, UnsafeCheckpointError)
 from .inspection import Inspection, inspect
+from .model_state import conversions_of, last_plan
 from .validation import ValidationReport, validate
 from .report import Change, Plan
 from .specs import Spec, WeightTransform, get_spec, list_specs, register_spec, unregister_spec
@@ -23,7 +24,7 @@ __all__ = [
     "Change", "CheckpointError", "CheckpointNotFoundError", "ConversionError", "ConvertedCheckpoint",
     "DestinationExistsError", "Inspection", "LoadReport", "NormInfo", "NormSwapError", "NothingToConvertWarning",
     "OptionError", "Plan", "RegistrationError", "Spec", "UnknownSpecError", "UnsafeCheckpointError",
-    "WeightTransform", "convert", "convert_checkpoint", "get_spec", "inspect", "last_plan", "list_specs", "load",
+    "WeightTransform", "conversions_of", "convert", "convert_checkpoint", "get_spec", "inspect", "last_plan", "list_specs", "load",
     "load_state_dict", "plan", "regularizers", "register_adapter", "register_spec", "remove_weight_norm", "save",
     "unregister_spec", "validate", "ValidationReport",
 ]

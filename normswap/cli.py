@@ -159,7 +159,10 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="normswap", description="Swap the norm layers of timm and HF models.")
+    parser.add_argument("--version", action="version", version=f"normswap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list the registered specs", epilog=EPILOG_LIST,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

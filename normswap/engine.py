@@ -20,6 +20,7 @@ from .errors import ConversionError, NormSwapError
 from .graph import FUNCTIONAL_FAMILY, FunctionalCall, find_relations
 from .models import RECORD_FORMAT, RECORD_KEY
 from .norms.std_conv import standardize_conv, ws_skip_reason
+from .model_state import conversions_of, remember
 from .report import Change, Plan
 from .selection import globs, selected, unmatched, weight_layers
 from .specs import Spec, get_spec
@@ -273,11 +274,10 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
         warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in {type(model).__name__}: "
                       f"{_nothing_reason(spec_obj, plan_)}; the model is unchanged",
                       NothingToConvertWarning, stacklevel=2)
-        target.__dict__["_normswap_plan"] = plan_
+        remember(target, plan_, applied=False)
         return target
     _apply(plan_, target, spec_obj, opts)
-    target.__dict__["_normswap_plan"] = plan_
-    target.__dict__.setdefault("_normswap_history", []).append({"spec": spec_obj.name, "options": plan_.options})
+    remember(target, plan_, applied=True)
     _record_in_hf_config(target)
     return target
 
@@ -295,17 +295,7 @@ def _record_in_hf_config(model: nn.Module) -> None:
     :func:`normswap.load` can replay them from the saved folder."""
     config = getattr(model, "config", None)
     if config is not None and type(config).__module__.startswith("transformers."):
-        setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "conversions": list(model.__dict__["_normswap_history"])})
-
-
-def last_plan(model: nn.Module) -> Plan | None:
-    """The plan of the last :func:`convert` that produced ``model`` (``None`` if it was not converted).
-
-    Example:
-        >>> last_plan(torch.nn.Linear(2, 2)) is None
-        True
-    """
-    return model.__dict__.get("_normswap_plan")
+        setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "conversions": conversions_of(model)})
 
 
 def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) -> None:
@@ -320,6 +310,7 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
             carried, notes = finish_replacement(new, info, source)
             # the plan returned by last_plan() says what was actually carried, not what was expected
             change.carried = tuple(carried)
+            change.folded = ("weight",) if info.weight_offset and "weight" in carried else ()
             change.warnings = tuple(dict.fromkeys((*change.warnings, *notes)))
             for path in (change.path, *change.also_at):
                 set_module(target, path, new)

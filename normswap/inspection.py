@@ -127,7 +127,8 @@ def inspect(target: str | os.PathLike | nn.Module, *, model: str | None = None) 
         BatchNorm2d
     """
     from .checkpoints.persist import base_builder, recorded_conversions
-    from .checkpoints.record import conversions_of, replay
+    from .checkpoints.record import replay
+    from .model_state import conversions_of
     from .checkpoints.sources import open_checkpoint
     from .models import build_model
 

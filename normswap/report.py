@@ -25,6 +25,7 @@ class Change:
     reason: str = ""
     also_at: tuple[str, ...] = ()
     shares: str = ""  # reparametrize: the layer whose parametrization this one shares (their weights are tied)
+    folded: tuple[str, ...] = ()  # parameters whose value the conversion changed (Gemma's 1 + weight folded)
 
 
 @dataclass

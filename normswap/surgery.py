@@ -27,9 +27,6 @@ _HOOK_DICTS = (
 )
 
 
-FOLDED = "folded from"  # the note of a parameter whose value the conversion changed (read by checkpoint loading)
-
-
 def carry_over(new: nn.Module, info: NormInfo, source: nn.Module) -> tuple[list[str], list[str]]:
     """Give ``new`` the source's affine tensors (the same ``Parameter`` objects where possible) and,
     where ``new`` keeps running statistics, the source's buffers. Returns ``(carried, notes)``."""
@@ -63,7 +60,7 @@ def carry_over(new: nn.Module, info: NormInfo, source: nn.Module) -> tuple[list[
                 slot.copy_(old + offset)
             if isinstance(old, nn.Parameter):
                 slot.requires_grad_(old.requires_grad)
-                notes.append(f"{name} {FOLDED} (1 + {name}) into a new parameter")
+                notes.append(f"{name} folded from (1 + {name}) into a new parameter")
             else:
                 notes.append(f"{name} was a frozen buffer; it is now a trainable parameter")
         carried.append(name)

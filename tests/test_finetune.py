@@ -369,3 +369,27 @@ def test_overrides_and_set_values_share_one_typed_parser():
     assert cfg["optimizer"]["lr"] == 1e-6
     with pytest.raises(RecipeError, match="optimizer.lr: SGD takes float"):
         load_config(ROOT / "recipes/gn_ws_resnet_microbatch.yaml", [*TINY_IMAGE, "output_dir=x", "optimizer.lr='fast'"])
+
+
+def test_the_plot_leaves_the_process_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from normswap.finetune.plot import plot_metrics
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "train_accuracy": 0.1}\n'
+                                                '{"step": 1, "val_loss": 2.1, "val_accuracy": 0.2}\n')
+        assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_validate_leaves_the_callers_output_field_alone():
+    from normswap.validation import checks
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    normswap.validate(model, normswap.convert(model, "gn", groups=2), torch.randn(2, 3, 6, 6), checks=["finite"],
+                      output="logits")
+    assert checks.OUTPUT_FIELD.get() is None

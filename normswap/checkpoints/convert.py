@@ -68,7 +68,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         >>> convert_checkpoint("resnet50.safetensors", "resnet50_gn_ws.safetensors", "gn_ws",
         ...                    model="timm:resnet50")  # doctest: +SKIP
     """
-    from ..engine import convert, last_plan
+    from ..engine import convert
+    from ..model_state import last_plan
 
     start = time.perf_counter()
     src, out = pathlib.Path(src), pathlib.Path(out)

@@ -90,14 +90,13 @@ def load_state_dict(model: nn.Module, source: PathLike | dict[str, torch.Tensor]
 def _refuse_folded(model: nn.Module, ckpt: Checkpoint) -> None:
     """A conversion that changed a parameter's value (Gemma's ``1 + weight`` folded into a LayerNorm weight)
     cannot take that tensor from a checkpoint of the original model: the value would be the unfolded one."""
-    from ..engine import last_plan
-    from ..surgery import FOLDED
+    from ..model_state import last_plan
 
     plan = last_plan(model)
     if plan is None or (ckpt.record or {}).get("conversions"):
         return
     for change in plan.replaced:
-        if any(FOLDED in w for w in change.warnings) and f"{change.path}.weight" in ckpt.tensors:
+        if "weight" in change.folded and f"{change.path}.weight" in ckpt.tensors:
             raise CheckpointError(
                 f"{ckpt.path}: {change.path} was converted from a norm that scales by 1 + weight, and its weight "
                 "was folded; a checkpoint of the original model must be loaded before converting: "
@@ -150,7 +149,8 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
         >>> m = load("resnet50_gn_ws.safetensors")  # doctest: +SKIP
         >>> m = load("resnet50_a1_0-14fe96d1.pth", model="timm:resnet50", spec="gn_ws")  # doctest: +SKIP
     """
-    from ..engine import convert, last_plan
+    from ..engine import convert
+    from ..model_state import last_plan
 
     if spec is None and options:
         raise OptionError(f"options {sorted(options)} were given without spec=; they are a spec's options")

@@ -15,15 +15,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError
+from ..model_state import conversions_of
 from ..models import RECORD_FORMAT, describe_base, file_reading_arguments
-
-HISTORY_KEY = "_normswap_history"
-
-
-def conversions_of(model: nn.Module) -> list[dict[str, Any]]:
-    """The conversions :func:`normswap.convert` applied to ``model``, oldest first."""
-    return list(model.__dict__.get(HISTORY_KEY, []))
-
 
 def make_record(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """The record that rebuilds ``model``: its base description and its conversions.

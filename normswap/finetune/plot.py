@@ -16,10 +16,9 @@ def plot_metrics(metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path | Non
         >>> plot_metrics(pathlib.Path("runs/x/metrics.jsonl"), pathlib.Path("runs/x/metrics.png"))  # doctest: +SKIP
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure of its own, drawn by the Agg canvas: pyplot and the process-wide backend (a notebook's) untouched
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("normswap: matplotlib is not installed, so no plot was drawn (pip install matplotlib)",
                       UserWarning, stacklevel=2)
@@ -27,7 +26,9 @@ def plot_metrics(metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path | Non
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
@@ -41,5 +42,4 @@ def plot_metrics(metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path | Non
     fig.tight_layout()
     with atomic_output(out, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return out

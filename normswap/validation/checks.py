@@ -20,6 +20,7 @@ from torch import nn
 from ..adapters import NormInfo, read_norm
 from ..errors import OptionError
 from ..specs import get_spec
+from ..model_state import conversions_of, last_plan
 from .report import ValidationReport
 
 CHECKS = ("finite", "gradients", "outputs", "batch_independence", "autocast", "compile", "channels_last", "device")
@@ -148,7 +149,7 @@ def first_divergent(original: nn.Module, converted: nn.Module, inputs: Inputs, t
 
 def _preserves(converted: nn.Module) -> str:
     """``yes``, ``eval`` or ``no``: what the recorded conversions say about preserving computation."""
-    history = converted.__dict__.get("_normswap_history", [])
+    history = conversions_of(converted)
     if not history:
         return "no"
     modes = [get_spec(h["spec"]).preserves.split()[0].lower() for h in history]
@@ -183,7 +184,7 @@ def _left_behind(converted: nn.Module, batch_norms: list[str]) -> list[str]:
     """BatchNorms left in a model whose last conversion replaced BatchNorms by batch-independent norms, and
     which its plan did not leave out on purpose (``include``/``exclude``): a norm planted after converting,
     or one the conversion missed."""
-    plan = converted.__dict__.get("_normswap_plan")
+    plan = last_plan(converted)
     if plan is None or not batch_norms or not _replaces_batch_norms(plan):
         return []
     on_purpose = {p for c in plan.skipped if "include/exclude" in c.reason for p in (c.path, *c.also_at)}
@@ -350,7 +351,7 @@ def check_batch_independence(report: ValidationReport, converted: nn.Module, inp
 def _layers_to_check(model: nn.Module) -> dict[str, nn.Module]:
     """The layers the conversion made (its plan: replaced norms, standardized convs, reparametrized
     weights); every norm layer when there is no plan."""
-    plan = model.__dict__.get("_normswap_plan")
+    plan = last_plan(model)
     if plan is None:
         return {p: m for p, m in model.named_modules() if p and read_norm(m)[0] is not None}
     paths = set()

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import OptionError, closest
 from . import checks as C
+from ..model_state import conversions_of
 from .report import ValidationReport
 
 
@@ -43,31 +44,34 @@ def validate(original: nn.Module, converted: nn.Module, example_inputs: Any, *,
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device='cuda' but CUDA is not available here; validate on the CPU (device='cpu')")
-    C.OUTPUT_FIELD.set(output)
-    history = converted.__dict__.get("_normswap_history", [])
-    spec = "+".join(h["spec"] for h in history) or "(no recorded conversion)"
-    report = ValidationReport(type(converted).__name__, spec, str(dev))
-    inputs = C._map(C._split(example_inputs), lambda t: t.to(dev))
-    original = _on(original, dev)
-    conv = _on(converted, dev)
-    dtype = next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32)
-    if "finite" in wanted:
-        C.check_finite(report, conv, inputs)
-    if "gradients" in wanted:
-        C.check_gradients(report, original, conv, inputs)
-    if "outputs" in wanted:
-        C.check_outputs(report, original, conv, inputs, dtype)
-    if "batch_independence" in wanted:
-        C.check_batch_independence(report, conv, inputs, dtype)
-    if "autocast" in wanted:
-        C.check_autocast(report, original, conv, inputs, dev, autocast_dtypes)
-    if "compile" in wanted:
-        C.check_compile(report, original, conv, inputs, dtype)
-    if "channels_last" in wanted:
-        C.check_channels_last(report, original, conv, inputs, dtype)
-    if "device" in wanted and dev.type != "cpu":
-        C.check_devices(report, converted, C._map(inputs, lambda t: t.cpu()), torch.device("cpu"), dev, dtype)
-    return report
+    token = C.OUTPUT_FIELD.set(output)
+    try:
+        history = conversions_of(converted)
+        spec = "+".join(h["spec"] for h in history) or "(no recorded conversion)"
+        report = ValidationReport(type(converted).__name__, spec, str(dev))
+        inputs = C._map(C._split(example_inputs), lambda t: t.to(dev))
+        original = _on(original, dev)
+        conv = _on(converted, dev)
+        dtype = next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32)
+        if "finite" in wanted:
+            C.check_finite(report, conv, inputs)
+        if "gradients" in wanted:
+            C.check_gradients(report, original, conv, inputs)
+        if "outputs" in wanted:
+            C.check_outputs(report, original, conv, inputs, dtype)
+        if "batch_independence" in wanted:
+            C.check_batch_independence(report, conv, inputs, dtype)
+        if "autocast" in wanted:
+            C.check_autocast(report, original, conv, inputs, dev, autocast_dtypes)
+        if "compile" in wanted:
+            C.check_compile(report, original, conv, inputs, dtype)
+        if "channels_last" in wanted:
+            C.check_channels_last(report, original, conv, inputs, dtype)
+        if "device" in wanted and dev.type != "cpu":
+            C.check_devices(report, converted, C._map(inputs, lambda t: t.cpu()), torch.device("cpu"), dev, dtype)
+        return report
+    finally:
+        C.OUTPUT_FIELD.reset(token)  # the caller's context is left as it was
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:

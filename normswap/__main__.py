@@ -1,0 +1,7 @@
+"""``python -m normswap``: the ``normswap`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
