@@ -8,7 +8,7 @@ import torch
 from normswap.errors import NormSwapError
 from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d, bert_layer_norm
 
-from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
+from norm_helpers import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
                       check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, grads,
                       randomize)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from normswap.norms.ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
-from conftest import randomize
+from norm_helpers import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread", "native_path")
 

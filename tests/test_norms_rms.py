@@ -9,7 +9,7 @@ from torch import nn
 from normswap.errors import NormSwapError
 from normswap.norms.rms_norm import RMSNorm, RMSNorm2d, rms_norm
 
-from conftest import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
+from norm_helpers import (AFFINE, affine, check_2d_against_permuted_reference, check_bf16_under_autocast,
                       check_functional_against_reference, check_gradcheck_float64, check_torch_compile_eager, randomize)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "native_path")

@@ -1,20 +1,13 @@
 """timm zoo: every architecture with a BatchNorm converts with gn_ws and trains; every one with a
 LayerNorm converts with rms and bert_ln. CI runs a seeded sample; ``pytest -m slow`` runs them all."""
 
-import json
-import pathlib
 
 import pytest
 import timm
 
-from timm_zoo import SAMPLE, check_timm, sample
+from timm_zoo import SAMPLE, check_timm, sample, with_norm as _with
 
-INDEX = json.loads((pathlib.Path(__file__).parent / "data" / "timm_norms.json").read_text())["models"]
 AVAILABLE = set(timm.list_models())
-
-
-def _with(kind: str, max_params: float = float("inf")) -> list[str]:
-    return sorted(n for n, d in INDEX.items() if kind in d["kinds"] and d["params"] <= max_params and n in AVAILABLE)
 
 
 # the CI sample draws from models up to 40M parameters, to keep the fast suite fast on 2 cores; the full

@@ -31,8 +31,7 @@ def _timm(name):
 
 
 def _timm_cases():
-    from test_timm_zoo import _with
-    from timm_zoo import sample
+    from timm_zoo import sample, with_norm as _with
 
     bn = sample(_with("batch", 8e6), 6)
     ln = sample(_with("layer", 6e6), 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import random
 import warnings
 
@@ -13,9 +15,17 @@ import normswap
 from conversion_checks import formula_errors, unplanned_norms, unstandardized_feeds
 from zoo_checks import check_batch_independence, check_forward_backward
 
+INDEX = json.loads((pathlib.Path(__file__).parent / "data" / "timm_norms.json").read_text())["models"]
 SEED = 20261126
 SAMPLE = 64
 MAX_SIDE = 96
+
+
+def with_norm(kind: str, max_params: float = float("inf")) -> list[str]:
+    """The architectures of the recorded index (``tests/data/timm_norms.json``) holding a ``kind`` norm, up to
+    ``max_params`` parameters, that this timm has."""
+    available = set(timm.list_models())
+    return sorted(n for n, d in INDEX.items() if kind in d["kinds"] and d["params"] <= max_params and n in available)
 
 
 def has_norm(model: nn.Module, kind: str) -> bool:
