@@ -228,3 +228,19 @@ def test_the_output_tensor_is_found_inside_nested_outputs():
     assert C.output_tensor({"feature_maps": maps}) is maps[0]
     with pytest.raises(normswap.OptionError, match="holds no tensor"):
         C.output_tensor({"feature_maps": ()})
+
+
+def test_a_registered_check_runs_and_can_be_picked(broken_specs):
+    from normswap.validation import check, registered, unregister
+
+    @check("parameter_count")
+    def parameter_count(ctx):
+        ctx.report.add("parameters", "info", str(sum(p.numel() for p in ctx.converted.parameters())))
+
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        report = validate(model, _convert(model, "gn", groups=2), torch.randn(2, 3, 8, 8), checks=["parameter_count"])
+        assert [(r.check, r.detail) for r in report.rows] == [("parameters", str(3 * 8 * 9 + 8 + 16))]
+        assert list(registered())[:3] == ["finite", "gradients", "outputs"]
+    finally:
+        unregister("parameter_count")

@@ -9,7 +9,10 @@ Example:
     True
 """
 
+from . import checks as _checks  # noqa: F401  (registers the built-in checks)
+from .registry import Context, check, registered, unregister
 from .report import CheckRow, ValidationReport
 from .run import example_inputs, validate
 
-__all__ = ["CheckRow", "ValidationReport", "example_inputs", "validate"]
+__all__ = ["CheckRow", "Context", "ValidationReport", "check", "example_inputs", "registered", "unregister",
+           "validate"]

@@ -21,9 +21,9 @@ from ..adapters import NormInfo, read_norm
 from ..errors import OptionError
 from ..specs import get_spec
 from ..model_state import conversions_of, last_plan
+from .registry import Context, check, registered
 from .report import ValidationReport
 
-CHECKS = ("finite", "gradients", "outputs", "batch_independence", "autocast", "compile", "channels_last", "device")
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -513,3 +513,51 @@ def _tf32_off() -> tuple[bool, bool]:
 
 def _tf32_restore(old: tuple[bool, bool]) -> None:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# --------------------------------------------------------------------------------------------- registration
+
+
+@check("finite")
+def _finite(ctx: Context) -> None:
+    check_finite(ctx.report, ctx.converted, ctx.inputs)
+
+
+@check("gradients")
+def _gradients(ctx: Context) -> None:
+    check_gradients(ctx.report, ctx.original, ctx.converted, ctx.inputs)
+
+
+@check("outputs")
+def _outputs(ctx: Context) -> None:
+    check_outputs(ctx.report, ctx.original, ctx.converted, ctx.inputs, ctx.dtype)
+
+
+@check("batch_independence")
+def _batch_independence(ctx: Context) -> None:
+    check_batch_independence(ctx.report, ctx.converted, ctx.inputs, ctx.dtype)
+
+
+@check("autocast")
+def _autocast(ctx: Context) -> None:
+    check_autocast(ctx.report, ctx.original, ctx.converted, ctx.inputs, ctx.device, ctx.autocast_dtypes)
+
+
+@check("compile")
+def _compile(ctx: Context) -> None:
+    check_compile(ctx.report, ctx.original, ctx.converted, ctx.inputs, ctx.dtype)
+
+
+@check("channels_last")
+def _channels_last(ctx: Context) -> None:
+    check_channels_last(ctx.report, ctx.original, ctx.converted, ctx.inputs, ctx.dtype)
+
+
+@check("device")
+def _device(ctx: Context) -> None:
+    if ctx.device.type != "cpu":  # CPU against the validation device: nothing to compare on the CPU itself
+        check_devices(ctx.report, ctx.as_given, _map(ctx.inputs, lambda t: t.cpu()), torch.device("cpu"), ctx.device,
+                      ctx.dtype)
+
+
+CHECKS = tuple(registered())  # the built-in checks, in the order they run

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import OptionError, closest
 from . import checks as C
 from ..model_state import conversions_of
+from .registry import Context, registered
 from .report import ValidationReport
 
 
@@ -36,11 +37,12 @@ def validate(original: nn.Module, converted: nn.Module, example_inputs: Any, *,
     """
     if not isinstance(original, nn.Module) or not isinstance(converted, nn.Module):
         raise OptionError("validate(original, converted, example_inputs): both models must be torch.nn.Module")
-    wanted = list(checks) if checks is not None else list(C.CHECKS)
+    known = registered()
+    wanted = list(checks) if checks is not None else list(known)
     for name in [*wanted, *skip]:
-        if name not in C.CHECKS:
-            raise OptionError(f"unknown check {name!r}; the checks are {', '.join(C.CHECKS)}.{closest(name, C.CHECKS)}")
-    wanted = [c for c in wanted if c not in skip]
+        if name not in known:
+            raise OptionError(f"unknown check {name!r}; the checks are {', '.join(known)}.{closest(name, known)}")
+    wanted = [c for c in known if c in wanted and c not in skip]
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device='cuda' but CUDA is not available here; validate on the CPU (device='cpu')")
@@ -49,26 +51,12 @@ def validate(original: nn.Module, converted: nn.Module, example_inputs: Any, *,
         history = conversions_of(converted)
         spec = "+".join(h["spec"] for h in history) or "(no recorded conversion)"
         report = ValidationReport(type(converted).__name__, spec, str(dev))
-        inputs = C._map(C._split(example_inputs), lambda t: t.to(dev))
-        original = _on(original, dev)
         conv = _on(converted, dev)
-        dtype = next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32)
-        if "finite" in wanted:
-            C.check_finite(report, conv, inputs)
-        if "gradients" in wanted:
-            C.check_gradients(report, original, conv, inputs)
-        if "outputs" in wanted:
-            C.check_outputs(report, original, conv, inputs, dtype)
-        if "batch_independence" in wanted:
-            C.check_batch_independence(report, conv, inputs, dtype)
-        if "autocast" in wanted:
-            C.check_autocast(report, original, conv, inputs, dev, autocast_dtypes)
-        if "compile" in wanted:
-            C.check_compile(report, original, conv, inputs, dtype)
-        if "channels_last" in wanted:
-            C.check_channels_last(report, original, conv, inputs, dtype)
-        if "device" in wanted and dev.type != "cpu":
-            C.check_devices(report, converted, C._map(inputs, lambda t: t.cpu()), torch.device("cpu"), dev, dtype)
+        ctx = Context(report, _on(original, dev), conv, C._map(C._split(example_inputs), lambda t: t.to(dev)),
+                      next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32), dev,
+                      tuple(autocast_dtypes), converted)
+        for name in wanted:
+            known[name](ctx)
         return report
     finally:
         C.OUTPUT_FIELD.reset(token)  # the caller's context is left as it was
