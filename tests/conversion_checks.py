@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normswap
+from norm_helpers import affine
 from normswap.adapters import read_norm
 
 SOURCES = {"gn_ws": ("batch",), "gn": ("batch",), "in": ("batch",), "ghost_bn": ("batch",), "ln": ("batch", "rms"),
@@ -66,28 +67,20 @@ def _layer(x, shape, w, b, eps):
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims, keepdim=True)
     y = (x - mean) / torch.sqrt(var + eps)
-    return _affine(y, w, b)
+    return affine(y, w, b)
 
 
 def _rms(x, shape, w, b, eps):
     dims = tuple(range(-len(shape), 0))
     y = x / torch.sqrt(x.square().mean(dims, keepdim=True) + eps)
-    return _affine(y, w, b)
+    return affine(y, w, b)
 
 
 def _bert(x, shape, w, b, eps):
     dims = tuple(range(-len(shape), 0))
     mean = x.mean(dims, keepdim=True)
     std = x.std(dims, keepdim=True, correction=1)
-    return _affine((x - mean) / (std + eps), w, b)
-
-
-def _affine(y, w, b):
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y
+    return affine((x - mean) / (std + eps), w, b)
 
 
 def _channels_first(fn, x, w, b, eps):
