@@ -96,6 +96,11 @@ def _shrink_dict(d: dict, widths: bool, image: bool) -> dict:
     for k in ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim"):
         if widths and isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > _WIDTH[k]:
             out[k] = min(d[k], -(-_WIDTH[k] // step) * step)
+    # a backbone's stages named by layer index would point past the last layer: let it pick its default
+    if any(out[k] != v for k, v in layers_before.items()):
+        for key in ("out_features", "out_indices"):
+            if key in out:
+                out[key] = None
     # per-layer lists sized by a layer count follow it
     for k, before in layers_before.items():
         after = out[k]
