@@ -31,7 +31,7 @@ import time
 WORKER = r"""
 import json, sys, time, pathlib
 import torch, timm, transformers, safetensors.torch, normswap
-from normswap.models import build_model
+from normswap.named_models import build_model
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -58,9 +58,9 @@ def make_source(model: str, path: pathlib.Path) -> tuple[int, int]:
     """Write a random checkpoint of ``model`` tensor by tensor; returns (file bytes, largest tensor bytes)."""
     import torch
 
-    from normswap.checkpoints.safetensors_io import OutputTensor, write_safetensors
-    from normswap.checkpoints.writing import unique_state
-    from normswap.models import build_model
+    from normswap.io.safetensors_file import OutputTensor, write_safetensors
+    from normswap.checkpoints.writers import unique_state
+    from normswap.named_models import build_model
 
     items = []
     for key, t in unique_state(build_model(model, device="meta")).items():

@@ -8,13 +8,13 @@ Example:
 from . import regularizers
 from .adapters import NormInfo, register_adapter
 from .checkpoints import ConvertedCheckpoint, LoadReport, convert_checkpoint, load, load_state_dict, save
-from .engine import NothingToConvertWarning, convert, plan
+from .core.convert import NothingToConvertWarning, convert, plan
 from .errors import (CheckpointError, CheckpointNotFoundError, ConversionError, DestinationExistsError, NormSwapError,
                      OptionError, RegistrationError, UnknownSpecError, UnsafeCheckpointError)
 from .inspection import Inspection, inspect
-from .model_state import conversions_of, last_plan
+from .core.state import conversions_of, last_plan
 from .validation import ValidationReport, validate
-from .report import Change, Plan
+from .core.plan import Change, Plan
 from .specs import Spec, WeightTransform, get_spec, list_specs, register_spec, unregister_spec
 from .specs.weight_norm import remove_weight_norm
 

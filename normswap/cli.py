@@ -93,8 +93,8 @@ def _spec_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .engine import plan
-    from .models import build_model
+    from .core.convert import plan
+    from .named_models import build_model
 
     options = _spec_options(args)
     print(plan(build_model(args.model, device="meta", **_parse_sets(args.model_arg or [])), args.spec, **options))
@@ -134,8 +134,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .checkpoints import load_state_dict
-    from .engine import convert
-    from .models import build_model
+    from .core.convert import convert
+    from .named_models import build_model
     from .validation import example_inputs, validate
 
     original = build_model(args.model, **_parse_sets(args.model_arg or []))

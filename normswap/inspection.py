@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .adapters import read_norm
-from .checkpoints.sources import TensorInfo
+from .io.readers import TensorInfo
 from .errors import CheckpointNotFoundError
 
 
@@ -126,11 +126,11 @@ def inspect(target: str | os.PathLike | nn.Module, *, model: str | None = None) 
         >>> print(inspect(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).norms[0].type)
         BatchNorm2d
     """
-    from .checkpoints.persist import base_builder, recorded_conversions
+    from .checkpoints.save_load import base_builder, recorded_conversions
     from .checkpoints.record import replay
-    from .model_state import conversions_of
-    from .checkpoints.sources import open_checkpoint
-    from .models import build_model
+    from .core.state import conversions_of
+    from .checkpoints.record import open_checkpoint
+    from .named_models import build_model
 
     if isinstance(target, nn.Module):
         return Inspection(type(target).__name__, norm_rows(target), conversions=conversions_of(target))

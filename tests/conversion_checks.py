@@ -119,13 +119,13 @@ def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
     from normswap.norms.channel_layer_norm import ChannelLayerNorm
     from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
-    from normswap.norms.std_conv import _StandardizedConv
+    from normswap.norms.std_conv import StandardizedConv
     from normswap.norms.unsized import UnsizedNorm
 
     x = x.detach().double()
     w, b = _f64(getattr(module, "weight", None)), _f64(getattr(module, "bias", None))
     eps = getattr(module, "eps", None)
-    if isinstance(module, _StandardizedConv):
+    if isinstance(module, StandardizedConv):
         return _conv(module, x, _standardized(w, module.ws_eps, module.ws_eps_mode), b)
     if isinstance(module, nn.GroupNorm):
         y = F.group_norm(x, module.num_groups, w, b, eps)
@@ -245,7 +245,7 @@ def formula_errors(model: nn.Module, plan: normswap.Plan, inputs: dict, run) -> 
 def unstandardized_feeds(model: nn.Module, plan: normswap.Plan, inputs: dict, run) -> list[str]:
     """Convs whose output is, value for value, the input of a norm the plan replaced, and that are neither
     standardized (checked by rescaling their raw weight) nor named in that norm's plan row."""
-    from normswap.norms.std_conv import _StandardizedConv
+    from normswap.norms.std_conv import StandardizedConv
 
     model.eval()
     convs = [p for p, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
@@ -265,7 +265,7 @@ def unstandardized_feeds(model: nn.Module, plan: normswap.Plan, inputs: dict, ru
                 continue
             conv = model.get_submodule(conv_path)
             named = any(conv_path in w for w in change.warnings)
-            if isinstance(conv, _StandardizedConv):
+            if isinstance(conv, StandardizedConv):
                 if not _rescale_invariant(conv, seen[conv_path][0]):
                     bad.append(f"{conv_path}: standardized, but its output changes when its weight is rescaled")
             elif not named:

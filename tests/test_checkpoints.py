@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normswap
-from normswap.checkpoints.safetensors_io import read_header
+from normswap.io.safetensors_file import read_header
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -389,7 +389,7 @@ def test_existing_output_needs_force_and_input_is_never_overwritten(timm_ckpt, t
 
 
 def test_failure_mid_write_leaves_no_partial_output(timm_ckpt, tmp_path, monkeypatch):
-    from normswap.checkpoints import safetensors_io
+    from normswap.io import safetensors_file as safetensors_io
 
     _, src = timm_ckpt
     out = tmp_path / "sub" / "out.safetensors"
@@ -405,7 +405,7 @@ def test_failure_mid_write_leaves_no_partial_output(timm_ckpt, tmp_path, monkeyp
             return real_write(item.name, item.dtype, item.shape, boom, item.done)
         return item
 
-    monkeypatch.setattr("normswap.checkpoints.writing.OutputTensor", failing)
+    monkeypatch.setattr("normswap.checkpoints.writers.OutputTensor", failing)
     with pytest.raises(KeyboardInterrupt):
         normswap.convert_checkpoint(src, out, "gn", model=f"timm:{TIMM}")
     assert not out.exists() and not (tmp_path / "sub").exists() and not leftovers(tmp_path)
@@ -581,7 +581,7 @@ def test_a_folder_with_custom_code_never_runs_it_nor_prompts(tmp_path, model_typ
     if model_type == "bert":  # the library's BertModel: the masked-LM head's keys do not fit it, said in one error
         with pytest.raises(normswap.CheckpointError, match="in the checkpoint but not in the model"):
             normswap.load(tmp_path / "orig")
-        from normswap.models import build_model
+        from normswap.named_models import build_model
 
         assert type(build_model(str(tmp_path / "orig"))).__name__ == "BertModel"
     else:
@@ -625,7 +625,7 @@ def test_a_malformed_record_is_one_checkpoint_error(tmp_path, record, match):
 def test_absurd_recorded_sizes_are_refused_on_the_meta_device(tmp_path, monkeypatch):
     """A 7 KB folder whose config names hidden_size 16384: the model is built on meta and the weights checked
     against it first, so the refusal comes before any real allocation (5.7 GB before)."""
-    from normswap import models
+    from normswap import named_models as models
 
     tiny_bert_folder(tmp_path / "orig")
     config = json.loads((tmp_path / "orig" / "config.json").read_text())

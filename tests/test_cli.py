@@ -195,7 +195,7 @@ def test_every_failure_is_one_error_line_and_warnings_show_once(run, tmp_path, m
     def disk_full(*args, **kwargs):
         raise RuntimeError("No space left on device (os error 28)")
 
-    monkeypatch.setattr("normswap.checkpoints.writing.write_safetensors", disk_full)
+    monkeypatch.setattr("normswap.checkpoints.writers.write_safetensors", disk_full)
     res = run("convert", str(tmp_path / "vit.safetensors"), "--model", "timm:test_vit", "--spec", "rms",
               "--out", str(tmp_path / "rms.safetensors"), "-q")
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [

@@ -131,14 +131,14 @@ def test_text_recipe_end_to_end_and_loss_falls(tmp_path):
 
 
 def _interrupt_at(monkeypatch, at_step):
-    real = runner_mod._Run.train_step
+    real = runner_mod.TrainingRun.train_step
 
     def train_step(self):
         if self.step == at_step:
             raise KeyboardInterrupt
         return real(self)
 
-    monkeypatch.setattr(runner_mod._Run, "train_step", train_step)
+    monkeypatch.setattr(runner_mod.TrainingRun, "train_step", train_step)
 
 
 @pytest.mark.parametrize("kind", ["image", "text"])

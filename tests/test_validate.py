@@ -187,7 +187,7 @@ def test_device_path_runs_on_cpu_and_cuda_is_refused_without_it():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     converted = _convert(model, "gn_ws", groups=2)
     report = normswap.ValidationReport("m", "gn_ws", "cpu")
-    inputs = C._split(torch.randn(2, 3, 8, 8))
+    inputs = C.split_inputs(torch.randn(2, 3, 8, 8))
     C.check_devices(report, converted, inputs, torch.device("cpu"), torch.device("cpu"), torch.float32)
     assert report.rows[0].check == "cpu vs cpu" and report.rows[0].status == "pass"
     if not torch.cuda.is_available():

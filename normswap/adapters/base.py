@@ -141,11 +141,11 @@ def read_norm(module: nn.Module) -> tuple[NormInfo | None, str | None]:
         >>> info.kind, info.num_features
         ('batch', 8)
     """
-    from ..norms.act import _ActDropMixin
+    from ..norms.act import ActDropMixin
 
-    if isinstance(module, _ActDropMixin):
+    if isinstance(module, ActDropMixin):
         # a replacement normswap gave a fused act: read it as its norm class, plus the act
-        base_cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, _ActDropMixin))
+        base_cls = next(c for c in type(module).__mro__[1:] if not issubclass(c, ActDropMixin))
         adapter = _BY_CLASS.get(qualname(base_cls))
         reason = None if adapter is not None else f"{type(module).__name__}: no adapter for {base_cls.__name__}"
     else:
@@ -157,7 +157,7 @@ def read_norm(module: nn.Module) -> tuple[NormInfo | None, str | None]:
     except Unsupported as exc:
         return _probe(module, str(exc))
     info.adapter = adapter.name
-    if isinstance(module, _ActDropMixin):
+    if isinstance(module, ActDropMixin):
         info.act, info.drop = module.act, module.drop
     return info, None
 

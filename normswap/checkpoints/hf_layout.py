@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .sources import Checkpoint, TensorInfo
+from ..io.readers import Checkpoint, TensorInfo
 
 
 class ModelLayoutCheckpoint(Checkpoint):

@@ -27,10 +27,11 @@ from torch import nn
 
 from ..adapters import read_norm
 from ..errors import CheckpointError
-from ..selection import classifier_head_paths, in_head
-from .sources import TensorInfo
+from ..core.selection import classifier_head_paths, in_head
+from ..specs.weight_norm import output_dim
+from ..io.readers import TensorInfo
 
-Make = Callable[[list[torch.Tensor]], torch.Tensor]
+Derive = Callable[[list[torch.Tensor]], torch.Tensor]
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 WN_NEW = ("parametrizations.weight.original0", "parametrizations.weight.original1")
 WN_OLD = ("weight_g", "weight_v")
@@ -45,7 +46,7 @@ class Mapped:
     dtype: torch.dtype
     shape: tuple[int, ...]
     sources: tuple[str, ...] = ()
-    make: Make | None = None
+    make: Derive | None = None
 
 
 @dataclass
@@ -106,9 +107,7 @@ def _module(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _output_dim(layer: nn.Module | None) -> int:
-    from ..specs.weight_norm import _output_dim as out_dim
-
-    return 0 if layer is None else out_dim(layer)
+    return 0 if layer is None else output_dim(layer)
 
 
 def _wn_dim(g_shape: tuple[int, ...], layer: nn.Module | None) -> int:
@@ -121,18 +120,18 @@ def _g_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
     return tuple(n if d == dim else 1 for d, n in enumerate(shape))
 
 
-def _fold(dim: int) -> Make:
+def _fold(dim: int) -> Derive:
     def make(gv: list[torch.Tensor]) -> torch.Tensor:
         g, v = gv
         return (v.float() * (g.float() / torch.norm_except_dim(v.float(), 2, dim))).to(v.dtype)
     return make
 
 
-def _norm_of(dim: int) -> Make:
+def _norm_of(dim: int) -> Derive:
     return lambda w: torch.norm_except_dim(w[0], 2, dim)
 
 
-def _const(value: float, dtype: torch.dtype, shape: tuple[int, ...]) -> Make:
+def _const(value: float, dtype: torch.dtype, shape: tuple[int, ...]) -> Derive:
     return lambda _: torch.full(shape, value, dtype=dtype)
 
 
@@ -140,7 +139,7 @@ def _is_norm(module: nn.Module | None) -> bool:
     return module is not None and read_norm(module)[0] is not None
 
 
-class _Mapper:
+class KeyMapper:
     def __init__(self, model: nn.Module, tensors: dict[str, TensorInfo], where: str) -> None:
         self.model, self.where = model, where
         self.expected = model.state_dict(keep_vars=True)
@@ -172,7 +171,7 @@ class _Mapper:
     def note(self, kind: str, path: str) -> None:
         self.counts.setdefault(kind, []).append(path)
 
-    def take(self, key: str, info: TensorInfo, sources: tuple[str, ...], make: Make | None = None) -> None:
+    def take(self, key: str, info: TensorInfo, sources: tuple[str, ...], make: Derive | None = None) -> None:
         self.out.entries[key] = Mapped(key, info.dtype, info.shape, tuple(self.names[s] for s in sources), make)
         self.used.update(sources)
 
@@ -346,4 +345,4 @@ def map_keys(model: nn.Module, tensors: dict[str, TensorInfo], *, where: str = "
         >>> km.notes[0][:40]
         'running statistics (running_mean, runnin'
     """
-    return _Mapper(model, tensors, where).run()
+    return KeyMapper(model, tensors, where).run()

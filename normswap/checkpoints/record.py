@@ -9,14 +9,28 @@ whose state dict fits the checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Any
 
 from torch import nn
 
 from ..errors import CheckpointError
-from ..model_state import conversions_of
-from ..models import RECORD_FORMAT, describe_base, file_reading_arguments
+from ..core.convert import after_convert
+from ..io import readers
+from ..io.readers import Checkpoint
+from ..core.state import conversions_of
+from ..named_models import RECORD_FORMAT, RECORD_KEY, describe_base, file_reading_arguments
+
+@after_convert
+def record_in_hf_config(model: nn.Module) -> None:
+    """Write the conversions into a transformers model's config, so ``save_pretrained`` keeps them and
+    :func:`normswap.load` can replay them from the saved folder (called by ``convert`` on every model it
+    changed)."""
+    config = getattr(model, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers."):
+        setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "conversions": conversions_of(model)})
+
 
 def make_record(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """The record that rebuilds ``model``: its base description and its conversions.
@@ -150,7 +164,7 @@ def replay(model: nn.Module, conversions: list[dict[str, Any]]) -> nn.Module:
         >>> type(replay(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), conversions_of(m))[0]).__name__
         'GroupNorm'
     """
-    from ..engine import NothingToConvertWarning, convert
+    from ..core.convert import NothingToConvertWarning, convert
 
     done = _plain(conversions_of(model))
     if _plain(conversions[: len(done)]) == done:
@@ -160,3 +174,13 @@ def replay(model: nn.Module, conversions: list[dict[str, Any]]) -> nn.Module:
             warnings.simplefilter("ignore", NothingToConvertWarning)
             model = convert(model, c["spec"], inplace=True, **c.get("options", {}))
     return model
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """:func:`normswap.io.open_checkpoint` with the record checked against its schema (:func:`validate_record`).
+
+    Example:
+        >>> with open_checkpoint("resnet50_gn_ws.safetensors") as ckpt:  # doctest: +SKIP
+        ...     ckpt.record["conversions"]
+    """
+    return readers.open_checkpoint(path, validate_record)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import build_base, build_model, device_context
+from ..named_models import build_base, build_model, device_context
 from .components import register_component, resolve, split_node
 from .data import DataBundle
 

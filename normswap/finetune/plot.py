@@ -6,7 +6,7 @@ import json
 import pathlib
 import warnings
 
-from ..checkpoints.atomic import atomic_output
+from ..io.atomic import atomic_output
 
 
 def plot_metrics(metrics: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:

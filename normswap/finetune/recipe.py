@@ -24,7 +24,7 @@ import yaml
 from ..errors import NormSwapError, closest
 from . import builders  # noqa: F401  (registers the model and scheduler components)
 from . import data as _data  # noqa: F401  (registers the data components)
-from ..models import file_reading_arguments
+from ..named_models import file_reading_arguments
 from ..specs.options import parse_option_value
 from .components import check_arguments, is_registered, resolve, split_node
 

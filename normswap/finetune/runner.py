@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ..checkpoints.atomic import atomic_output
-from ..checkpoints.persist import load_state_dict
-from ..progress import Progress
+from ..io.atomic import atomic_output
+from ..checkpoints.save_load import load_state_dict
+from ..io.progress import Progress
 from ..regularizers import OrthogonalRegularizer, RegularizedStep
 from . import distributed
 from .builders import build_data, build_optimizer, build_recipe_model, build_scheduler, task_of
@@ -112,7 +112,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device, channels_last: boo
     return out
 
 
-class _Run:
+class TrainingRun:
     """The state of one fine-tuning run (kept small: every piece is built by a named function)."""
 
     def __init__(self, cfg: dict[str, Any], progress: bool) -> None:
@@ -130,7 +130,7 @@ class _Run:
             load_state_dict(model, cfg["init_from"])
         conv = cfg["convert"] or {}
         if conv.get("spec"):
-            from ..engine import convert
+            from ..core.convert import convert
 
             model = convert(model, conv["spec"], inplace=True, **(conv.get("options") or {}))
         model.to(self.dist.device)
@@ -266,7 +266,7 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_ranks_agree(run: _Run) -> None:
+def _check_ranks_agree(run: TrainingRun) -> None:
     """After a distributed run, every rank must hold the same weights: written to ``ranks.json``."""
     digests = run.dist.gather(weights_digest(run.model))
     if run.dist.main:
@@ -289,7 +289,7 @@ def finetune(recipe: str | pathlib.Path | dict[str, Any], overrides: Sequence[st
     """
     cfg = load_config(recipe, overrides)
     _refuse_to_replace_a_run(cfg, str(recipe) if not isinstance(recipe, dict) else "recipe")
-    run = _Run(cfg, progress)
+    run = TrainingRun(cfg, progress)
     try:
         return _train(run)
     finally:
@@ -309,7 +309,7 @@ def _refuse_to_replace_a_run(cfg: dict[str, Any], source: str) -> None:
                                    f"resume={out}, or give another output_dir: a new run never replaces one"])
 
 
-def _train(run: _Run) -> RunResult:
+def _train(run: TrainingRun) -> RunResult:
     cfg, out, main = run.cfg, run.out, run.dist.main
     metrics = out / METRICS
     if main:

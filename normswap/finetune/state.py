@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoints.atomic import atomic_output
-from ..checkpoints.persist import save
+from ..io.atomic import atomic_output
+from ..checkpoints.save_load import save
 from ..errors import CheckpointError, CheckpointNotFoundError
 
 LATEST = "latest.json"

@@ -15,7 +15,7 @@ from torch import nn
 _ACT_CLASSES: dict[type, type] = {}
 
 
-class _ActDropMixin:
+class ActDropMixin:
     """Runs the wrapped norm, then ``self.drop`` and ``self.act`` (timm's order)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,12 @@ def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
         >>> act_class(nn.GroupNorm).__name__
         'GroupNormAct'
     """
-    if issubclass(norm_cls, _ActDropMixin):
+    if issubclass(norm_cls, ActDropMixin):
         return norm_cls
     cls = _ACT_CLASSES.get(norm_cls)
     if cls is None:
         name = f"{norm_cls.__name__}Act"
-        cls = type(name, (_ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name})
+        cls = type(name, (ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name})
         _ACT_CLASSES[norm_cls] = cls
         # module-level name so that pickling a whole model can find the class again
         globals().setdefault(name, cls)

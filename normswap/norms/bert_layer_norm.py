@@ -39,7 +39,7 @@ from torch import Tensor
 from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowImpl, RowNorm, _flat, _layer_norm_backward, _row_norm, row_backward, row_forward,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, flat_param, layer_norm_backward, apply_row_norm, row_backward, row_forward,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
@@ -58,7 +58,7 @@ def _forward_torch(
     # any variance that matters, yet 1/sqrt of it times a row value stays finite (float32 and float64).
     var_eps = _TINY_VAR_EPS.get(cdt, 1e-30)
     # The fused kernel is markedly faster with a weight than without one.
-    w = _flat(weight, cdt) if weight is not None else xc.new_ones(d)
+    w = flat_param(weight, cdt) if weight is not None else xc.new_ones(d)
     y, mean, rstd_b = torch.native_layer_norm(xc, (d,), w, None, var_eps)
     # rstd_b = 1 / sqrt(var_biased + var_eps); var_eps is negligible next to eps, so the unbiased std
     # is sqrt(d / (d - 1)) / rstd_b (it stays > 0, which keeps the backward free of 0 / 0).
@@ -68,7 +68,7 @@ def _forward_torch(
     if bias is None:
         y.mul_(scale)
     else:  # y * scale + bias in one pass
-        torch.addcmul(_flat(bias, cdt), y, scale, out=y)
+        torch.addcmul(flat_param(bias, cdt), y, scale, out=y)
     return y, mean, rstd, rstd_b
 
 
@@ -80,17 +80,17 @@ def _backward_torch(
     need_x, need_w, need_b = need
     gx = gw = gb = None
     d = xc.shape[1]
-    w = _flat(weight, xc.dtype) if weight is not None else g.new_ones(d)
+    w = flat_param(weight, xc.dtype) if weight is not None else g.new_ones(d)
     if need_x:
         # alpha**2 = d (std + eps) / ((d - 1) std), with 1 / std = rstd_b / sqrt(d / (d - 1)).
         c = d / (d - 1)
         alpha = torch.mul(rstd_b, c * eps / math.sqrt(c)).add_(c).sqrt_()
         u = torch.sub(xc, mean).mul_(alpha)
-        gx = _layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
+        gx = layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
         del u
     if need_w or need_b:
         b = g.new_zeros(d) if need_b else None
-        _, gw, gb = _layer_norm_backward(g, xc, (d,), mean, rstd, w, b, [False, need_w, need_b])
+        _, gw, gb = layer_norm_backward(g, xc, (d,), mean, rstd, w, b, [False, need_w, need_b])
     return gx, gw, gb
 
 
@@ -129,7 +129,7 @@ def bert_layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Te
         >>> torch.allclose(y, (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6), atol=1e-5)
         True
     """
-    return _row_norm(
+    return apply_row_norm(
         _BertLayerNormRows.apply, x, normalized_shape, weight, bias, eps, "bert_layer_norm", check_size=_check_size
     )
 

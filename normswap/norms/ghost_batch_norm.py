@@ -27,7 +27,6 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from normswap.errors import OptionError
 from normswap.norms import native
@@ -146,8 +145,9 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
-class _GhostBatchNormBase(_BatchNorm):
-    """Shared implementation of :class:`GhostBatchNorm1d` / ``2d`` / ``3d`` (Hoffer et al., 2017)."""
+class _GhostBatchNormBase:
+    """Shared implementation of :class:`GhostBatchNorm1d` / ``2d`` / ``3d`` (Hoffer et al., 2017): a mixin
+    placed before ``nn.BatchNormNd``, whose buffers, checks and eval-mode forward it uses."""
 
     def __init__(
         self,

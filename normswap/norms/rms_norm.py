@@ -27,7 +27,7 @@ from torch import Tensor
 
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowImpl, RowNorm, _flat, _layer_norm_backward, _row_norm, row_backward, row_forward,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, flat_param, layer_norm_backward, apply_row_norm, row_backward, row_forward,
 )
 
 __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
@@ -43,12 +43,12 @@ def _forward_torch(
 ) -> tuple[Tensor, Tensor]:
     """RMSNorm of the rows of ``xc`` with torch ops: ``(y, rstd)``; ``fresh``: ``xc`` may be overwritten."""
     cdt, d = xc.dtype, xc.shape[1]
-    w = _flat(weight, cdt)
+    w = flat_param(weight, cdt)
     # One fused read of x for the row statistics; the square of the norm is the sum of squares.
     rstd = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
     rstd = rstd.square_().mul_(1.0 / d).add_(eps).rsqrt_()
     # One fresh tensor for the output, then in-place passes over it while it is still in cache.
-    b = _flat(bias, cdt)
+    b = flat_param(bias, cdt)
     if w is None:
         y = xc.mul_(rstd) if fresh else xc * rstd
         if b is not None:
@@ -72,8 +72,8 @@ def _backward_torch(
     d = xc.shape[1]
     if need_x or need_w:
         # The fused kernel is markedly faster with a weight than without one.
-        w = _flat(weight, xc.dtype) if weight is not None else g.new_ones(d)
-        gx, gw, _ = _layer_norm_backward(g, xc, (d,), torch.zeros_like(rstd), rstd, w, None, [need_x, need_w, False])
+        w = flat_param(weight, xc.dtype) if weight is not None else g.new_ones(d)
+        gx, gw, _ = layer_norm_backward(g, xc, (d,), torch.zeros_like(rstd), rstd, w, None, [need_x, need_w, False])
         if need_x:
             # Undo the kernel's mean-subtraction term: + rstd * mean(dy * w) per row.
             row = torch.mv(g, w) if weight is not None else g.sum(1)
@@ -113,7 +113,7 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
         >>> rms_norm(x, 16, torch.ones(16)).shape
         torch.Size([4, 16])
     """
-    return _row_norm(_RMSNormRows.apply, x, normalized_shape, weight, bias, eps, "rms_norm")
+    return apply_row_norm(_RMSNormRows.apply, x, normalized_shape, weight, bias, eps, "rms_norm")
 
 
 class RMSNorm(RowNorm):

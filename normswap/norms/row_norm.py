@@ -7,11 +7,11 @@ holds what the layers built on such kernels share:
 
 * the argument checks (``_check_shape``, ``_check_channels``, ``_check_eps``, ``_check_input``,
   ``_check_param``, ``_check_channels_first``);
-* the dtype / autocast helpers the kernels use (``_compute_dtype``, ``_no_autocast``, ``_flat``);
+* the dtype / autocast helpers the kernels use (``_compute_dtype``, ``_no_autocast``, ``flat_param``);
 * ``row_forward`` / ``row_backward``, the body every row kernel shares: pick the fused CPU kernels or the
   torch-ops implementation (a :class:`RowImpl`), handle dtypes, save and restore what the backward needs;
 * ``_apply_rows`` and ``_apply_channels_first``, which run a row kernel over the trailing dims or over the
-  channel dim (dim 1) of an input, and ``_row_norm``, the checked functional form (``rms_norm`` ...);
+  channel dim (dim 1) of an input, and ``apply_row_norm``, the checked functional form (``rms_norm`` ...);
 * :class:`RowNorm`, the layer base (parameters, checks, ``reset_parameters``, ``forward``, ``extra_repr``), and
   :class:`ChannelsFirstRowNorm`, the base of its ``[N, C, *]`` variants. A concrete layer only names its row
   kernel (``_kernel``), its default ``bias`` (``_default_bias``) and, if it needs one, an extra check of the
@@ -34,7 +34,7 @@ from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def row_backward(ctx, impl: RowImpl, gy: Tensor) -> tuple[Tensor | None, ...]:
     return gx, gw, gb, None, None
 
 
-def _flat(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def flat_param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A parameter as a 1-D tensor of the compute dtype (no copy when it already is one)."""
     if p is None:
         return None
@@ -223,7 +223,7 @@ def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | N
     return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
 
 
-def _row_norm(
+def apply_row_norm(
     fn,
     x: Tensor,
     normalized_shape: int | Sequence[int],

@@ -45,7 +45,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6, mode: str = "ins
     return out.reshape(weight.shape).to(weight.dtype)
 
 
-class _StandardizedConv:
+class StandardizedConv:
     """Mixin for conv classes: ``standardized_weight()`` with an eval-mode cache."""
 
     ws_eps: float
@@ -78,21 +78,21 @@ class _StandardizedConv:
         return f"{super().extra_repr()}, ws_eps={self.ws_eps}, ws_eps_mode={self.ws_eps_mode!r}"  # type: ignore[misc]
 
 
-class StdConv1d(_StandardizedConv, nn.Conv1d):
+class StdConv1d(StandardizedConv, nn.Conv1d):
     """``nn.Conv1d`` with Weight Standardization (Qiao et al. 2019). Example: see :func:`standardize_conv`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-class StdConv2d(_StandardizedConv, nn.Conv2d):
+class StdConv2d(StandardizedConv, nn.Conv2d):
     """``nn.Conv2d`` with Weight Standardization (Qiao et al. 2019). Example: see :func:`standardize_conv`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-class StdConv3d(_StandardizedConv, nn.Conv3d):
+class StdConv3d(StandardizedConv, nn.Conv3d):
     """``nn.Conv3d`` with Weight Standardization (Qiao et al. 2019). Example: see :func:`standardize_conv`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def _pad_same(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.pad(x, pads)
 
 
-class StdConv2dSame(_StandardizedConv, nn.Conv2d):
+class StdConv2dSame(StandardizedConv, nn.Conv2d):
     """timm ``Conv2dSame`` (TF "SAME" padding) with Weight Standardization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ def _qualname(cls: type) -> str:
 
 def ws_skip_reason(conv: nn.Module) -> str | None:
     """Why ``conv`` cannot take Weight Standardization, or ``None`` when it can."""
-    if isinstance(conv, _StandardizedConv):
+    if isinstance(conv, StandardizedConv):
         return "already weight-standardized by normswap"
     name = type(conv).__name__
     if "StdConv" in name or "WSConv" in name:

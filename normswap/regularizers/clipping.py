@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError, closest
-from ..selection import classifier_head_paths, in_head
+from ..core.selection import classifier_head_paths, in_head
 
 __all__ = ["MODES", "NonFiniteGradientWarning", "clip_gradients", "grad_norm"]
 

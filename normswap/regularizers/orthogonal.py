@@ -1,6 +1,6 @@
 """Orthogonal regularization of conv and linear weights, as a loss term or as a closed-form gradient.
 
-Each weight is read as matrices ``W`` of ``rows x cols`` (see :mod:`normswap.regularizers.selection`) and
+Each weight is read as matrices ``W`` of ``rows x cols`` (see :mod:`normswap.regularizers.targets`) and
 penalized, times ``strength``, by one of:
 
 * ``offdiag`` (Brock et al., 2019, BigGAN): ``||W W^T * (1 - I)||_F^2``, the squared dot products between
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError, closest
-from .selection import Bucket, buckets_of, select_weights
+from .targets import Bucket, buckets_of, select_weights
 
 __all__ = ["OrthogonalRegularizer", "FORMS"]
 

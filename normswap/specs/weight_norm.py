@@ -22,10 +22,10 @@ from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 from ..errors import NormSwapError
 from .base import WeightTransform, register_spec
 
-__all__ = ["remove_weight_norm"]
+__all__ = ["output_dim", "remove_weight_norm", "share_weight_parametrization"]
 
 
-def _output_dim(layer: nn.Module) -> int:
+def output_dim(layer: nn.Module) -> int:
     """The dim of the weight that indexes output units: 1 for transposed convs and HF's ``Conv1D``."""
     if isinstance(layer, nn.modules.conv._ConvTransposeNd) or type(layer).__name__ == "Conv1D":
         return 1
@@ -71,8 +71,8 @@ def _plain_weight_hook(dim: int):
     changed_keys="weight -> parametrizations.weight.original0 (g) / original1 (v); old and plain keys load",
 )
 def wn(layer: nn.Module, *, dim: int | None = None) -> None:
-    """Weight-normalize ``layer`` in place; ``dim=None`` normalizes per output unit (see ``_output_dim``)."""
-    d = _output_dim(layer) if dim is None else dim
+    """Weight-normalize ``layer`` in place; ``dim=None`` normalizes per output unit (see ``output_dim``)."""
+    d = output_dim(layer) if dim is None else dim
     _torch_weight_norm(layer, "weight", dim=d)
     layer._register_load_state_dict_pre_hook(_plain_weight_hook(d), with_module=True)
 

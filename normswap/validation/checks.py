@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters import NormInfo, read_norm
 from ..errors import OptionError
 from ..specs import get_spec
-from ..model_state import conversions_of, last_plan
+from ..core.state import conversions_of, last_plan
 from .registry import Context, check, registered
 from .report import ValidationReport
 
@@ -32,7 +32,7 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, 64 * torch.finfo(dtype).eps)
 
 
-def _split(example_inputs: Any) -> Inputs:
+def split_inputs(example_inputs: Any) -> Inputs:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, dict):
@@ -43,7 +43,7 @@ def _split(example_inputs: Any) -> Inputs:
                       f"got {type(example_inputs).__name__}")
 
 
-def _map(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
     args, kwargs = inputs
     f = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
     return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
@@ -305,7 +305,7 @@ def check_outputs(report: ValidationReport, original: nn.Module, converted: nn.M
 
 
 def _first_sample(inputs: Inputs, batch: int) -> Inputs:
-    return _map(inputs, lambda t: t[:1] if t.dim() and t.shape[0] == batch else t)
+    return map_inputs(inputs, lambda t: t[:1] if t.dim() and t.shape[0] == batch else t)
 
 
 def _batch_size(inputs: Inputs) -> int:
@@ -461,7 +461,7 @@ def check_compile(report: ValidationReport, original: nn.Module, converted: nn.M
 def _channels_last_diff(model: nn.Module, inputs: Inputs) -> tuple[float | None, str, nn.Module, nn.Module]:
     plain = copy.deepcopy(model).eval()
     cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    cl_inputs = _map(inputs, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    cl_inputs = map_inputs(inputs, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     with torch.no_grad():
         ref = _run(plain, inputs)
         out, error = _try(lambda: _run(cl, cl_inputs))
@@ -493,8 +493,8 @@ def check_devices(report: ValidationReport, converted: nn.Module, inputs: Inputs
     tf32 = _tf32_off()
     try:
         with torch.no_grad():
-            ref = _run(a, _map(inputs, lambda t: t.to(reference)))
-            out, error = _try(lambda: _run(b, _map(inputs, lambda t: t.to(device))))
+            ref = _run(a, map_inputs(inputs, lambda t: t.to(reference)))
+            out, error = _try(lambda: _run(b, map_inputs(inputs, lambda t: t.to(device))))
     finally:
         _tf32_restore(tf32)
     if error:
@@ -556,7 +556,7 @@ def _channels_last(ctx: Context) -> None:
 @check("device")
 def _device(ctx: Context) -> None:
     if ctx.device.type != "cpu":  # CPU against the validation device: nothing to compare on the CPU itself
-        check_devices(ctx.report, ctx.as_given, _map(ctx.inputs, lambda t: t.cpu()), torch.device("cpu"), ctx.device,
+        check_devices(ctx.report, ctx.as_given, map_inputs(ctx.inputs, lambda t: t.cpu()), torch.device("cpu"), ctx.device,
                       ctx.dtype)
 
 

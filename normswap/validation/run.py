@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.state import conversions_of
 from ..errors import OptionError, closest
-from . import checks as C
-from ..model_state import conversions_of
+from .checks import OUTPUT_FIELD, map_inputs, split_inputs
 from .registry import Context, registered
 from .report import ValidationReport
 
@@ -46,20 +46,20 @@ def validate(original: nn.Module, converted: nn.Module, example_inputs: Any, *,
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device='cuda' but CUDA is not available here; validate on the CPU (device='cpu')")
-    token = C.OUTPUT_FIELD.set(output)
+    token = OUTPUT_FIELD.set(output)
     try:
         history = conversions_of(converted)
         spec = "+".join(h["spec"] for h in history) or "(no recorded conversion)"
         report = ValidationReport(type(converted).__name__, spec, str(dev))
         conv = _on(converted, dev)
-        ctx = Context(report, _on(original, dev), conv, C._map(C._split(example_inputs), lambda t: t.to(dev)),
+        ctx = Context(report, _on(original, dev), conv, map_inputs(split_inputs(example_inputs), lambda t: t.to(dev)),
                       next((p.dtype for p in conv.parameters() if p.is_floating_point()), torch.float32), dev,
                       tuple(autocast_dtypes), converted)
         for name in wanted:
             known[name](ctx)
         return report
     finally:
-        C.OUTPUT_FIELD.reset(token)  # the caller's context is left as it was
+        OUTPUT_FIELD.reset(token)  # the caller's context is left as it was
 
 
 def _on(model: nn.Module, device: torch.device) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import OptionError
+from ..errors import OptionError
 
 __all__ = [
     "globs", "selected", "unmatched", "weight_layers", "is_weight_layer", "classifier_head_paths", "in_head",

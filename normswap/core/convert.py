@@ -9,23 +9,43 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import NormInfo, norm_family, read_norm
-from .errors import ConversionError, NormSwapError
-from .graph import FUNCTIONAL_FAMILY, FunctionalCall, find_relations
-from .models import RECORD_FORMAT, RECORD_KEY
-from .norms.std_conv import standardize_conv, ws_skip_reason
-from .model_state import conversions_of, remember
-from .report import Change, Plan
+from ..adapters import NormInfo, norm_family, read_norm
+from ..errors import ConversionError, NormSwapError
+from ..graph import FUNCTIONAL_FAMILY, FunctionalCall, find_relations
+from ..norms.std_conv import standardize_conv, ws_skip_reason
+from ..specs import Spec, get_spec
+from ..specs.weight_norm import share_weight_parametrization
+from .plan import Change, Plan
 from .selection import globs, selected, unmatched, weight_layers
-from .specs import Spec, get_spec
-from .specs.weight_norm import share_weight_parametrization
+from .state import remember
 from .surgery import finish_replacement, rewrite_functional, set_module
+
+
+_AFTER_CONVERT: list[Callable[[nn.Module], None]] = []
+
+
+def after_convert(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)``, called on every model :func:`convert` changed (after its state is recorded):
+    how the checkpoints package writes the conversions into a transformers model's config, without the
+    pipeline knowing about checkpoints.
+
+    Example:
+        >>> seen = []
+        >>> hook = after_convert(seen.append)
+        >>> _ = convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), "gn", groups=2)
+        >>> len(seen)
+        1
+        >>> _AFTER_CONVERT.remove(hook)
+    """
+    _AFTER_CONVERT.append(hook)
+    return hook
 
 
 class NothingToConvertWarning(UserWarning):
@@ -278,7 +298,8 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
         return target
     _apply(plan_, target, spec_obj, opts)
     remember(target, plan_, applied=True)
-    _record_in_hf_config(target)
+    for hook in _AFTER_CONVERT:
+        hook(target)
     return target
 
 
@@ -288,14 +309,6 @@ def _nothing_reason(spec: Spec, plan_: Plan) -> str:
     if not plan_.changes:
         return f"it holds no {what} the spec takes"
     return f"all {len(plan_.skipped)} {what}s skipped (see normswap.last_plan(model) for why)"
-
-
-def _record_in_hf_config(model: nn.Module) -> None:
-    """Write the conversions into a transformers model's config, so ``save_pretrained`` keeps them and
-    :func:`normswap.load` can replay them from the saved folder."""
-    config = getattr(model, "config", None)
-    if config is not None and type(config).__module__.startswith("transformers."):
-        setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "conversions": conversions_of(model)})
 
 
 def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) -> None:

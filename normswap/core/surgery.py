@@ -15,10 +15,10 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapters.base import NormInfo
-from .graph.relations import FUNCTIONAL_NORMS
-from .graph.tracing import structure_copy
-from .norms.act import attach_act
+from ..adapters.base import NormInfo
+from ..graph.relations import FUNCTIONAL_NORMS
+from ..graph.tracing import structure_copy
+from ..norms.act import attach_act
 
 _HOOK_DICTS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

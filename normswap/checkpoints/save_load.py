@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, NormSwapError, OptionError
-from ..models import build_base, build_model
-from .atomic import atomic_output
+from ..named_models import build_base, build_model
+from ..io.atomic import atomic_output
 from .hf_layout import in_model_layout
 from .keymap import KeyMap, map_keys
 from .record import check_record, make_record, replay
-from .sources import Checkpoint, StateDictCheckpoint, open_checkpoint
-from .writing import write_hf_folder, write_model
+from ..io.readers import Checkpoint, StateDictCheckpoint
+from .record import open_checkpoint
+from .writers import write_hf_folder, write_model
 
 PathLike = str | os.PathLike
 
@@ -53,7 +54,7 @@ def _open(source: PathLike | dict[str, torch.Tensor] | Checkpoint) -> tuple[Chec
     return open_checkpoint(source), True
 
 
-def _load_mapped(model: nn.Module, ckpt: Checkpoint, keymap: KeyMap) -> None:
+def load_mapped(model: nn.Module, ckpt: Checkpoint, keymap: KeyMap) -> None:
     state = {k: keymap.value(ckpt.tensor, k) for k in keymap.entries}
     for alias, key in keymap.aliases.items():
         state[alias] = state[key]
@@ -80,7 +81,7 @@ def load_state_dict(model: nn.Module, source: PathLike | dict[str, torch.Tensor]
         _refuse_folded(model, ckpt)
         ckpt = in_model_layout(model, ckpt)
         keymap = map_keys(model, ckpt.tensors, where=str(ckpt.path))
-        _load_mapped(model, ckpt, keymap)
+        load_mapped(model, ckpt, keymap)
         return LoadReport(str(ckpt.path), len(keymap.entries), list(keymap.dropped), list(keymap.notes))
     finally:
         if owned:
@@ -90,7 +91,7 @@ def load_state_dict(model: nn.Module, source: PathLike | dict[str, torch.Tensor]
 def _refuse_folded(model: nn.Module, ckpt: Checkpoint) -> None:
     """A conversion that changed a parameter's value (Gemma's ``1 + weight`` folded into a LayerNorm weight)
     cannot take that tensor from a checkpoint of the original model: the value would be the unfolded one."""
-    from ..model_state import last_plan
+    from ..core.state import last_plan
 
     plan = last_plan(model)
     if plan is None or (ckpt.record or {}).get("conversions"):
@@ -149,8 +150,8 @@ def load(path: PathLike, *, model: str | nn.Module | None = None, spec: str | No
         >>> m = load("resnet50_gn_ws.safetensors")  # doctest: +SKIP
         >>> m = load("resnet50_a1_0-14fe96d1.pth", model="timm:resnet50", spec="gn_ws")  # doctest: +SKIP
     """
-    from ..engine import convert
-    from ..model_state import last_plan
+    from ..core.convert import convert
+    from ..core.state import last_plan
 
     if spec is None and options:
         raise OptionError(f"options {sorted(options)} were given without spec=; they are a spec's options")

@@ -16,13 +16,13 @@ import pickle
 import re
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
-from .record import validate_record
-from .safetensors_io import SafetensorsFile
+from .safetensors_file import SafetensorsFile
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -106,7 +106,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 tensors[name] = TensorInfo(e.dtype, e.shape)
         record = _record_from_metadata(path, self._open[0].metadata) if len(files) == 1 else None
         if config is not None and RECORD_KEY in config:
-            record = validate_record(config[RECORD_KEY], str(path / "config.json"))
+            record = config[RECORD_KEY]
         super().__init__(path, tensors, files, record, config)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -135,9 +135,7 @@ class StateDictCheckpoint(Checkpoint):
                  config: dict | None = None) -> None:
         self._state = state
         tensors = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in state.items()}
-        record = None
-        if config is not None and RECORD_KEY in config:
-            record = validate_record(config[RECORD_KEY], str(path / "config.json"))
+        record = config[RECORD_KEY] if config is not None and RECORD_KEY in config else None
         super().__init__(path, tensors, files, record, config)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -152,7 +150,7 @@ def _record_from_metadata(path: pathlib.Path, metadata: dict[str, str]) -> dict 
         record = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: its normswap metadata is not valid JSON ({type(exc).__name__})") from None
-    return validate_record(record, str(path))
+    return record
 
 
 def load_pickle(path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -254,8 +252,13 @@ def read_config(folder: pathlib.Path) -> dict | None:
     return config
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike,
+                    check_record: Callable[[object, str], dict] | None = None) -> Checkpoint:
     """Open a ``.safetensors`` file, a ``.pt``/``.pth``/``.bin``/``.ckpt`` pickle, or an HF model folder.
+
+    The normswap record it carries (the JSON under ``__metadata__["normswap"]``, or ``config.json``'s
+    ``"normswap"`` entry) is untrusted input: ``check_record(record, where)`` returns it validated or raises
+    (the checkpoints package passes its schema check).
 
     Example:
         >>> with open_checkpoint("./bert-finetuned") as ckpt:  # doctest: +SKIP
@@ -272,11 +275,20 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     else:
         kind, files, config = _kind_of_file(path), [path], None
     if kind == "safetensors":
-        return SafetensorsCheckpoint(path, files, config)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_pickle(f))
-    return StateDictCheckpoint(path, state, files, config)
+        ckpt: Checkpoint = SafetensorsCheckpoint(path, files, config)
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_pickle(f))
+        ckpt = StateDictCheckpoint(path, state, files, config)
+    if check_record is not None and ckpt.record is not None:
+        where = str(path / "config.json") if config is not None and RECORD_KEY in config else str(path)
+        try:
+            ckpt.record = check_record(ckpt.record, where)
+        except BaseException:
+            ckpt.close()
+            raise
+    return ckpt
 
 
 def _kind_of_file(path: pathlib.Path) -> str:

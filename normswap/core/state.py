@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .report import Plan
+from .plan import Plan
 
 _PLAN = "_normswap_plan"
 _HISTORY = "_normswap_history"

@@ -13,8 +13,8 @@ from torch import nn
 from ..errors import NormSwapError
 from .keymap import KeyMap
 from .record import record_json
-from .safetensors_io import OutputTensor, write_safetensors
-from .sources import HF_WEIGHTS, Checkpoint
+from ..io.safetensors_file import OutputTensor, write_safetensors
+from ..io.readers import HF_WEIGHTS, Checkpoint
 
 Progress = Callable[[int], None] | None
 

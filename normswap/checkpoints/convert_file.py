@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError, NormSwapError, OptionError
-from ..progress import Progress
-from ..report import Plan
+from ..io.progress import Progress
+from ..core.plan import Plan
 from ..specs import get_spec
-from .atomic import atomic_output, check_destination
+from ..io.atomic import atomic_output, check_destination
 from .hf_layout import in_model_layout
 from .keymap import map_keys
-from .persist import _load_mapped, base_builder, recorded_conversions, skeleton
+from .save_load import load_mapped, base_builder, recorded_conversions, skeleton
 from .record import make_record, replay
-from .sources import PICKLE_SUFFIXES, open_checkpoint
-from .writing import write_hf_folder, write_mapped, write_model
+from ..io.readers import PICKLE_SUFFIXES
+from .record import open_checkpoint
+from .writers import write_hf_folder, write_mapped, write_model
 
 
 @dataclass
@@ -68,8 +69,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         >>> convert_checkpoint("resnet50.safetensors", "resnet50_gn_ws.safetensors", "gn_ws",
         ...                    model="timm:resnet50")  # doctest: +SKIP
     """
-    from ..engine import convert
-    from ..model_state import last_plan
+    from ..core.convert import convert
+    from ..core.state import last_plan
 
     start = time.perf_counter()
     src, out = pathlib.Path(src), pathlib.Path(out)
@@ -117,7 +118,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
                 count = len(keymap.entries) - len(keymap.aliases)
             else:
                 real = replay(build(), conversions)
-                _load_mapped(real, ckpt, base_map)
+                load_mapped(real, ckpt, base_map)
                 bar.update(ckpt.nbytes / 2)
                 real = convert(real, spec, inplace=True, **options)
                 plan = last_plan(real)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError
-from ..selection import classifier_head_paths, globs, in_head, selected, unmatched, weight_layers
+from ..core.selection import classifier_head_paths, globs, in_head, selected, unmatched, weight_layers
 
 
 @dataclass
