@@ -36,7 +36,7 @@ EPILOG_INSPECT = ("examples:\n  normswap inspect timm:convnext_tiny\n  normswap 
 EPILOG_FINETUNE = (
     "examples:\n"
     "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml data=builtin\n"
-    "  normswap finetune recipes/bert_rms_text.yaml data=builtin max_steps=50 output_dir=runs/try\n"
+    "  normswap finetune recipes/bert_rms_text.yaml data=builtin max_steps=120 output_dir=runs/try\n"
     "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml --validate-only\n"
     "  normswap finetune recipes/gn_ws_resnet_microbatch.yaml resume=runs/gn_ws_resnet_microbatch\n"
     "  torchrun --nproc_per_node 2 -m normswap.cli finetune recipes/gn_ws_resnet_microbatch.yaml data=builtin\n"
@@ -144,6 +144,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     original.eval()
     converted = convert(original, args.spec, **_spec_options(args))
     inputs = example_inputs(original, batch=args.batch, image_size=args.image_size)
+    if not args.json and "compile" not in (args.skip or ()):
+        print("normswap: validating; the torch.compile check alone takes a minute or more on a CPU (--skip compile "
+              "leaves it out; --image-size 64 makes every check quicker)", file=sys.stderr)
     report = validate(original, converted, inputs, device=args.device, skip=args.skip or ())
     print(report.to_json() if args.json else report)
     return 0 if report.passed else 1
