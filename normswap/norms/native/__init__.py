@@ -7,9 +7,13 @@ forward and backward in one pass over the data, ``ghost_batch_norm.c`` the Ghost
 This module compiles them with the machine's C compiler (``$CC``, else ``cc``/``gcc``/``clang``; about a
 second), caches the shared library, and calls it through ``ctypes``.
 
-* Cache: ``$NORMSWAP_CACHE_DIR`` or ``~/.cache/normswap``, one file per (source, flags, CPU) so that a cache
-  shared between different machines never loads code built for another CPU. Written to a temporary file and
-  renamed, so concurrent processes (``torchrun``) never see a partial library.
+* Cache: ``$NORMSWAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/normswap``, else ``~/.cache/normswap``; one file per
+  (source, flags, CPU) so that a cache shared between different machines never loads code built for another
+  CPU. One process builds at a time (a file lock: every ``torchrun`` rank starts at once), writing a temporary
+  file renamed into place, so no process sees a partial library.
+* Threads: each call uses at most ``torch.get_num_threads()`` OpenMP threads (fewer for small inputs); one
+  thread runs without entering OpenMP, so a forked child (a DataLoader worker) never touches the parent's
+  thread pool. Where the build fails, or has no OpenMP, a warning says so once, with the fix.
 * Fallback: where no compiler works, or with ``NORMSWAP_NATIVE=0``, the layers use their torch-ops path (same
   results, slower); :func:`status` says which path is in use and why.
 * Scope: plain CPU tensors whose compute dtype is float32 (float32 inputs, and half inputs, which the row norms
@@ -19,6 +23,7 @@ second), caches the shared library, and calls it through ``ctypes``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -28,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,8 +65,30 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
+    """``$NORMSWAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/normswap``, else ``~/.cache/normswap``."""
     root = os.environ.get("NORMSWAP_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "normswap"
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "normswap"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """One build at a time across processes (every ``torchrun`` rank starts at once): an exclusive lock on a
+    file in the cache folder; where locking is not available, builds race harmlessly (atomic renames)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(folder / ".build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _compilers() -> list[str]:
@@ -70,7 +98,12 @@ def _compilers() -> list[str]:
 
 
 def _build() -> Path:
-    """Compile the kernels (or find them in the cache); return the shared library's path."""
+    """Compile the kernels (or find them in the cache), one process at a time; the shared library's path."""
+    with _build_lock(_cache_dir()):
+        return _build_unlocked()
+
+
+def _build_unlocked() -> Path:
     source = b"\0".join(path.read_bytes() for path in _SOURCES)
     errors = []
     for cc in _compilers():
@@ -117,6 +150,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.normswap_cln_fwd.restype = None
     lib.normswap_cln_bwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i32]
     lib.normswap_cln_bwd.restype = i32
+    for name in ("normswap_last_threads", "normswap_openmp"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = i32
 
 
 def _load() -> ctypes.CDLL | None:
@@ -136,9 +172,29 @@ def _load() -> ctypes.CDLL | None:
         except (OSError, AttributeError) as exc:
             _status = f"unavailable: {exc} (torch-ops path)"
             _log.info("normswap native kernels %s", _status)
+            warnings.warn(f"normswap: the fused CPU kernels could not be built ({exc}); the norm layers run torch ops "
+                          "instead (same results, slower). Install a C compiler (gcc or clang) or set $CC to one; "
+                          "NORMSWAP_NATIVE=0 silences this", RuntimeWarning, stacklevel=3)
             return None
         _lib, _status = lib, f"on: {path}"
+        if not lib.normswap_openmp():
+            _status += " (built without OpenMP: one thread)"
+            warnings.warn("normswap: the fused CPU kernels were built without OpenMP, so they run on one thread (a "
+                          "compiler without it, such as Apple clang); install one with OpenMP (gcc, or clang with "
+                          "libomp) and clear the cache folder to use every core", RuntimeWarning, stacklevel=3)
         return _lib
+
+
+def last_threads() -> int:
+    """How many threads the last fused-kernel call asked for (0 before any): ``torch.get_num_threads()``
+    bounds it, and small inputs use fewer.
+
+    Example:
+        >>> last_threads() >= 0
+        True
+    """
+    lib = _load()
+    return int(lib.normswap_last_threads()) if lib is not None else 0
 
 
 def available() -> bool:

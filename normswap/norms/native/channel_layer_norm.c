@@ -13,6 +13,8 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+void normswap_note_threads(int threads); /* row_kernels.c */
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -26,7 +28,8 @@ static int omp_get_thread_num(void) { return 0; }
 void normswap_cln_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
                       int64_t N, int64_t C, int64_t S, double eps, int nthreads) {
     const int64_t tiles = (S + TILE - 1) / TILE;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    normswap_note_threads(nthreads);
+    #pragma omp parallel for if(nthreads > 1) collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; ++n) {
         for (int64_t t = 0; t < tiles; ++t) {
             const int64_t s0 = t * TILE, len = S - s0 < TILE ? S - s0 : TILE;
@@ -72,7 +75,8 @@ int normswap_cln_bwd(const float *dy, const float *x, const float *mean, const f
         part = (double *)calloc((size_t)nthreads * 2 * (size_t)C, sizeof(double));
         if (!part) return -1;
     }
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    normswap_note_threads(nthreads);
+    #pragma omp parallel for if(nthreads > 1) collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; ++n) {
         for (int64_t t = 0; t < tiles; ++t) {
             const int64_t s0 = t * TILE, len = S - s0 < TILE ? S - s0 : TILE;

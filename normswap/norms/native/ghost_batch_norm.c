@@ -17,10 +17,13 @@
 #include <math.h>
 #include <stdint.h>
 
+void normswap_note_threads(int threads); /* row_kernels.c */
+
 void normswap_ghost_bn_bwd(const float *dy, const float *x, const float *mean, const float *invstd,
                            const float *w, float *dx, float *gw, float *gb, const int64_t *starts, int64_t k,
                            int64_t C, int64_t S, int nthreads) {
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    normswap_note_threads(nthreads);
+    #pragma omp parallel for if(nthreads > 1) collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < k; ++i) {
         for (int64_t c = 0; c < C; ++c) {
             const int64_t n0 = starts[i], n1 = starts[i + 1];
@@ -67,7 +70,8 @@ void normswap_ghost_bn_bwd(const float *dy, const float *x, const float *mean, c
 void normswap_ghost_bn_fwd(const float *x, const float *w, const float *b, float *y, float *mean, float *invstd,
                            float *var_unbiased, const int64_t *starts, int64_t k, int64_t C, int64_t S, double eps,
                            int nthreads) {
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    normswap_note_threads(nthreads);
+    #pragma omp parallel for if(nthreads > 1) collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < k; ++i) {
         for (int64_t c = 0; c < C; ++c) {
             const int64_t n0 = starts[i], n1 = starts[i + 1];

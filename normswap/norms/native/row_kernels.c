@@ -33,6 +33,21 @@ static int omp_get_thread_num(void) { return 0; }
 
 enum { RMS = 0, BERT = 1 };
 
+/* How many threads the last kernel call asked for (read by tests through normswap_last_threads). */
+static int last_threads = 0;
+
+void normswap_note_threads(int threads) { last_threads = threads; }
+
+int normswap_last_threads(void) { return last_threads; }
+
+int normswap_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static int threads_for(int64_t rows, int64_t d, int nthreads) {
     int64_t by_size = (rows * d) / 32768 + 1; /* ~32K elements per thread at least */
     int64_t t = nthreads < by_size ? nthreads : by_size;
@@ -47,7 +62,11 @@ static int threads_for(int64_t rows, int64_t d, int nthreads) {
 static void row_norm_fwd(int kind, const float *x, const float *w, const float *b, float *y, float *stats,
                          int64_t rows, int64_t d, double eps, int nthreads) {
     const int64_t stride = kind == RMS ? 1 : 3;
-    #pragma omp parallel for num_threads(threads_for(rows, d, nthreads)) schedule(static)
+    const int threads = threads_for(rows, d, nthreads);
+    normswap_note_threads(threads);
+    /* if(threads > 1): one thread never enters an OpenMP team, which keeps a forked child (a DataLoader
+     * worker, where torch runs one thread) clear of the parent's thread pool */
+    #pragma omp parallel for if(threads > 1) num_threads(threads) schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
         const float *xr = x + i * d;
         float *yr = y + i * d;
@@ -151,7 +170,8 @@ static int row_norm_bwd(int kind, const float *dy, const float *x, const float *
         free(pb);
         return -1;
     }
-    #pragma omp parallel num_threads(threads)
+    normswap_note_threads(threads);
+    #pragma omp parallel if(threads > 1) num_threads(threads)
     {
         float *tw = pw ? pw + (int64_t)omp_get_thread_num() * d : NULL;
         float *tb = pb ? pb + (int64_t)omp_get_thread_num() * d : NULL;
