@@ -39,7 +39,7 @@ from torch import Tensor
 from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowImpl, RowNorm, flat_param, layer_norm_backward, apply_row_norm, row_backward, row_forward,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, apply_row_norm, define_row_op, flat_param, layer_norm_backward,
 )
 
 __all__ = ["BertLayerNorm", "BertLayerNorm2d", "bert_layer_norm"]
@@ -97,16 +97,7 @@ def _backward_torch(
 _IMPL = RowImpl(native.bert_forward, native.bert_backward, _forward_torch, _backward_torch)
 
 
-class _BertLayerNormRows(torch.autograd.Function):
-    """BERT LayerNorm over each row of a ``[rows, d]`` input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
-        return row_forward(ctx, _IMPL, x, weight, bias, eps, d)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        return row_backward(ctx, _IMPL, gy)
+bert_layer_norm_rows = define_row_op("bert_layer_norm_rows", _IMPL, 3)
 
 
 def _check_size(shape: tuple[int, ...], name: str) -> None:
@@ -130,7 +121,7 @@ def bert_layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Te
         True
     """
     return apply_row_norm(
-        _BertLayerNormRows.apply, x, normalized_shape, weight, bias, eps, "bert_layer_norm", check_size=_check_size
+        bert_layer_norm_rows, x, normalized_shape, weight, bias, eps, "bert_layer_norm", check_size=_check_size
     )
 
 
@@ -147,7 +138,7 @@ class BertLayerNorm(RowNorm):
     """
 
     _check_size = staticmethod(_check_size)
-    _kernel = _BertLayerNormRows
+    _kernel = bert_layer_norm_rows
     _default_bias = True
 
 

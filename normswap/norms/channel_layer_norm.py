@@ -13,28 +13,88 @@ from torch import nn
 from . import native
 
 
-class _ChannelLayerNormFunction(torch.autograd.Function):
-    """The fused CPU kernels (float32, contiguous): no transposes, each tensor read or written once."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
-        y, mean, rstd = native.channel_ln_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = native.channel_ln_backward(gy, x, mean, rstd, weight, need_x, need_w, need_b)
-        if gw is not None:
-            gw = gw.to(weight.dtype)
-        return gx, gw, gb, None
-
-
-def _fused_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+def _native_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """The fused kernels apply: float32 CPU, contiguous, float32 parameters."""
     return (x.dim() >= 3 and native.usable(x) and x.is_contiguous()
             and all(p is None or (p.dtype == torch.float32 and type(p.data) is torch.Tensor) for p in params))
+
+
+def _moved(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *]`` as ``[N, *, C]`` rows (a copy unless x is channels-last already)."""
+    return x.movedim(1, -1).contiguous()
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``: y in x's memory layout, the statistics ``[N, S]`` (S the positions)."""
+    n, c = x.shape[:2]
+    if _native_ok(x, weight, bias):
+        return native.channel_ln_forward(x, weight, bias, eps)
+    y, mean, rstd = torch.native_layer_norm(_moved(x), (c,), weight, bias, eps)
+    out = torch.empty_like(x)
+    out.copy_(y.movedim(-1, 1))
+    return out, mean.reshape(n, -1), rstd.reshape(n, -1)
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              weight: torch.Tensor | None, bias: torch.Tensor | None, need_x: bool, need_weight: bool,
+              need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = x.shape[1]
+    if _native_ok(x, weight, bias):
+        gx, gw, gb = native.channel_ln_backward(grad, x, mean, rstd, weight, need_x, need_weight, need_bias)
+        gw = gw.to(weight.dtype) if gw is not None else None
+    else:
+        moved = _moved(x)
+        stat_shape = (*moved.shape[:-1], 1)
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            _moved(grad), moved, (c,), mean.reshape(stat_shape), rstd.reshape(stat_shape), weight, bias,
+            [need_x, need_weight and weight is not None, need_bias and bias is not None])
+        if gx is not None:
+            gx = torch.empty_like(x).copy_(gx.movedim(-1, 1))
+    # each unneeded gradient is its own empty tensor: outputs of a custom op must not alias each other
+    return (gx if need_x and gx is not None else x.new_empty(0),
+            gw if need_weight and gw is not None else x.new_empty(0),
+            gb if need_bias and gb is not None else x.new_empty(0))
+
+
+channel_layer_norm = torch.library.custom_op(
+    "normswap::channel_layer_norm", _forward, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+_channel_layer_norm_backward = torch.library.custom_op(
+    "normswap::channel_layer_norm_backward", _backward, mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool need_x, "
+           "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
+
+
+@channel_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    n = x.shape[0]
+    s = x.numel() // max(n * x.shape[1], 1) if n * x.shape[1] else 0
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return torch.empty_like(x), x.new_empty((n, s), dtype=stat_dtype), x.new_empty((n, s), dtype=stat_dtype)
+
+
+@_channel_layer_norm_backward.register_fake
+def _(grad, x, mean, rstd, weight, bias, need_x, need_weight, need_bias):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_weight and weight is not None else x.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+
+
+def _autograd_backward(ctx, gy, _gmean, _grstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    gx, gw, gb = _channel_layer_norm_backward(gy, x, mean, rstd, weight, bias, *need)
+    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
+            gb if need[2] and bias is not None else None, None)
+
+
+channel_layer_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -53,7 +113,9 @@ class ChannelLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= 2:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if _fused_ok(x, self.weight, self.bias):
-            return _ChannelLayerNormFunction.apply(x, self.weight, self.bias, self.eps)
-        y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
+        if x.dtype in (torch.float16, torch.bfloat16) or x.dtype != (self.weight.dtype if self.weight is not None
+                                                                     else x.dtype):
+            # half inputs, or parameters of another dtype (autocast): torch's layer norm does the casting
+            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+            return y.movedim(-1, 1)
+        return channel_layer_norm(x, self.weight, self.bias, self.eps)[0]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from normswap.norms import native
 from normswap.norms.row_norm import (
-    ChannelsFirstRowNorm, RowImpl, RowNorm, flat_param, layer_norm_backward, apply_row_norm, row_backward, row_forward,
+    ChannelsFirstRowNorm, RowImpl, RowNorm, apply_row_norm, define_row_op, flat_param, layer_norm_backward,
 )
 
 __all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
@@ -84,16 +84,7 @@ def _backward_torch(
 _IMPL = RowImpl(native.rms_forward, native.rms_backward, _forward_torch, _backward_torch)
 
 
-class _RMSNormRows(torch.autograd.Function):
-    """RMSNorm over each row of a ``[rows, d]`` input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, d: int) -> Tensor:
-        return row_forward(ctx, _IMPL, x, weight, bias, eps, d)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        return row_backward(ctx, _IMPL, gy)
+rms_norm_rows = define_row_op("rms_norm_rows", _IMPL, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,7 +104,7 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
         >>> rms_norm(x, 16, torch.ones(16)).shape
         torch.Size([4, 16])
     """
-    return apply_row_norm(_RMSNormRows.apply, x, normalized_shape, weight, bias, eps, "rms_norm")
+    return apply_row_norm(rms_norm_rows, x, normalized_shape, weight, bias, eps, "rms_norm")
 
 
 class RMSNorm(RowNorm):
@@ -128,7 +119,7 @@ class RMSNorm(RowNorm):
         torch.Size([2, 10, 768])
     """
 
-    _kernel = _RMSNormRows
+    _kernel = rms_norm_rows
     _default_bias = False
 
 

@@ -149,45 +149,93 @@ class RowImpl:
     torch_backward: Callable
 
 
-def row_forward(ctx, impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                d: int) -> Tensor:
-    """The forward of a row kernel (``x`` is ``[rows, d]``): compute dtype, implementation, what to save."""
+def row_forward(impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor]:
+    """The forward of a row norm on ``x`` ``[rows, d]``: ``(y in x's dtype, stats)``, the statistics in the
+    compute dtype as one ``[rows, k]`` tensor, on the fused kernels where they apply, else on torch ops."""
     cdt = _compute_dtype(x.dtype)
     with _no_autocast(x.device.type):
-        x2 = x.reshape(-1, d)
-        xc = x2 if x2.dtype == cdt else x2.to(cdt)
-        ctx.native = native.usable(xc)
-        if ctx.native:
-            y, *stats = impl.native_forward(xc, weight, bias, eps)
+        xc = x if x.dtype == cdt else x.to(cdt)
+        if native.usable(xc):
+            y, stats = impl.native_forward(xc, weight, bias, eps)
         else:
-            y, *stats = impl.torch_forward(xc, xc is not x2, weight, bias, eps)
+            y, *parts = impl.torch_forward(xc, xc is not x, weight, bias, eps)
+            stats = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-    # The input, not the normalized input, is saved: it is alive anyway, so this costs no memory.
-    ctx.save_for_backward(x2, weight, *stats)
-    ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.shapes = (x.shape, None if bias is None else bias.shape)
-    return y  # x arrives as [rows, d]; a view made here would forbid in-place ops on the output
+    return y, stats
 
 
-def row_backward(ctx, impl: RowImpl, gy: Tensor) -> tuple[Tensor | None, ...]:
-    """The backward of a row kernel, on the implementation its forward used; gradients in their inputs' dtypes."""
-    x, weight, *stats = ctx.saved_tensors
-    need = tuple(ctx.needs_input_grad[:3])
-    x_shape, b_shape = ctx.shapes
-    cdt = stats[0].dtype
+def row_backward(impl: RowImpl, gy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 eps: float, need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of :func:`row_forward`, on the implementation it used (the same choice for the same
+    tensors), each in its input's dtype."""
+    cdt = stats.dtype
     with _no_autocast(gy.device.type):
         g = _as_rows(gy, x.shape[1], cdt)
         xc = x if x.dtype == cdt else x.to(cdt)
-        if ctx.native:
-            gx, gw, gb = impl.native_backward(g, xc, stats[0], weight, need)
+        if native.usable(xc):
+            gx, gw, gb = impl.native_backward(g, xc, stats, weight, need)
         else:
-            gx, gw, gb = impl.torch_backward(g, xc, weight, stats, ctx.eps, need)
-    gx = _restore(gx, x.dtype, x_shape)
+            parts = tuple(p.contiguous() for p in stats.split(1, dim=1)) if stats.shape[1] > 1 else (stats,)
+            gx, gw, gb = impl.torch_backward(g, xc, weight, parts, eps, need)
+    gx = _restore(gx, x.dtype, x.shape)
     gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
-    gb = _restore(gb, ctx.bias_dtype, b_shape)
-    return gx, gw, gb, None, None
+    gb = None if bias is None else _restore(gb, bias.dtype, bias.shape)
+    return gx, gw, gb
+
+
+def define_row_op(name: str, impl: RowImpl, stats_width: int):
+    """Register the row norm ``impl`` as the torch operators ``normswap::<name>(x, weight, bias, eps) ->
+    (y, stats)`` (``x`` ``[rows, d]``) and ``normswap::<name>_backward``, each with a fake (meta) kernel and
+    the forward with its autograd formula; returns the forward operator.
+
+    torch.compile and torch.export see one opaque operator (no graph break, the fused CPU kernels run inside
+    compiled graphs too); ``torch.library.opcheck`` checks each registration. The output is a fresh tensor,
+    never a view of the input, so an in-place op after the norm (``ReLU(inplace=True)``) is allowed.
+    """
+    empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
+
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+        return row_forward(impl, x, weight, bias, eps)
+
+    def backward(grad: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                 need_x: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        gx, gw, gb = row_backward(impl, grad, x, stats, weight, bias, eps, (need_x, need_weight, need_bias))
+        return (gx if gx is not None else empty(x), gw if gw is not None else empty(x),
+                gb if gb is not None else empty(x))
+
+    fwd = torch.library.custom_op(f"normswap::{name}", forward, mutates_args=(),
+                                  schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)")
+    bwd = torch.library.custom_op(
+        f"normswap::{name}_backward", backward, mutates_args=(),
+        schema="(Tensor grad, Tensor x, Tensor stats, Tensor? weight, Tensor? bias, float eps, bool need_x, "
+               "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)")
+
+    @fwd.register_fake
+    def _(x, weight, bias, eps):
+        return torch.empty_like(x), x.new_empty((x.shape[0], stats_width), dtype=_compute_dtype(x.dtype))
+
+    @bwd.register_fake
+    def _(grad, x, stats, weight, bias, eps, need_x, need_weight, need_bias):
+        return (torch.empty_like(x) if need_x else empty(x),
+                torch.empty_like(weight) if need_weight and weight is not None else empty(x),
+                torch.empty_like(bias) if need_bias and bias is not None else empty(x))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        ctx.save_for_backward(x, weight, bias, output[1])  # the input is alive anyway: no extra memory
+        ctx.eps = eps
+
+    def autograd_backward(ctx, gy, _gstats):
+        x, weight, bias, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        gx, gw, gb = bwd(gy, x, stats, weight, bias, ctx.eps, *need)
+        return (gx if need[0] else None, gw if need[1] and weight is not None else None,
+                gb if need[2] and bias is not None else None, None)
+
+    fwd.register_autograd(autograd_backward, setup_context=setup_context)
+    return fwd
 
 
 def flat_param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -206,9 +254,9 @@ def _apply_rows(fn, x: Tensor, dims: int, weight: Tensor | None, bias: Tensor | 
     """
     d = x.shape[-1] if dims == 1 else math.prod(x.shape[x.dim() - dims :])
     if x.dim() == 2 and dims == 1:
-        return fn(x, weight, bias, eps, d)
+        return fn(x, weight, bias, eps)[0]
     # view_as: much cheaper than view(torch.Size) per call, which matters for small inputs.
-    return fn(x.reshape(-1, d), weight, bias, eps, d).view_as(x)
+    return fn(x.reshape(-1, d), weight, bias, eps)[0].view_as(x)
 
 
 def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -219,7 +267,7 @@ def _apply_channels_first(fn, x: Tensor, weight: Tensor | None, bias: Tensor | N
     returned in channels-last memory layout, viewed back as [N, C, *].
     """
     moved = x.permute(0, *range(2, x.dim()), 1)
-    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps, x.shape[1]).view_as(moved)
+    y = fn(moved.reshape(-1, x.shape[1]), weight, bias, eps)[0].view_as(moved)
     return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
 
 
@@ -259,7 +307,7 @@ class RowNorm(nn.Module):
     * ``_check_size`` (optional): an extra check of the normalized shape, raising :class:`OptionError`.
     """
 
-    _kernel: ClassVar[type[torch.autograd.Function]]
+    _kernel: ClassVar[Callable]  # its operator (define_row_op): (x [rows, d], weight, bias, eps) -> (y, stats)
     _default_bias: ClassVar[bool] = False
 
     def __init__(
@@ -303,7 +351,7 @@ class RowNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.normalized_shape, type(self).__name__)
-        return _apply_rows(self._kernel.apply, x, len(self.normalized_shape), self.weight, self.bias, self.eps)
+        return _apply_rows(type(self)._kernel, x, len(self.normalized_shape), self.weight, self.bias, self.eps)
 
     def _describe(self, size: object) -> str:
         return f"{size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
@@ -338,7 +386,7 @@ class ChannelsFirstRowNorm(RowNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_channels_first(x, self.num_channels, type(self).__name__)
-        return _apply_channels_first(self._kernel.apply, x, self.weight, self.bias, self.eps)
+        return _apply_channels_first(type(self)._kernel, x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return self._describe(self.num_channels)

@@ -1,0 +1,67 @@
+"""The fused kernels as torch operators (``normswap::*``): every registration passes torch.library.opcheck
+(schema, fake kernel, autograd registration, AOT dispatch), and converted models compile with
+``fullgraph=True`` and export with ``torch.export`` where the originals do."""
+
+import warnings
+
+import pytest
+import torch
+
+import normswap
+from normswap.norms.bert_layer_norm import bert_layer_norm_rows
+from normswap.norms.rms_norm import rms_norm_rows
+
+OPS = {"rms_norm_rows": rms_norm_rows, "bert_layer_norm_rows": bert_layer_norm_rows}
+
+
+def _args(dtype, weight, bias, rows=6, d=10):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(d, generator=g, requires_grad=True) if weight else None
+    b = torch.randn(d, generator=g, requires_grad=True) if bias else None
+    return x, w, b, 1e-5
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype,weight,bias", [(torch.float32, True, True), (torch.float64, True, False),
+                                               (torch.bfloat16, False, False)])
+def test_every_row_operator_passes_opcheck(name, dtype, weight, bias):
+    """float32 runs the fused CPU kernels, float64 the torch ops, bfloat16 inputs with float32 parameters
+    are computed in float32."""
+    torch.library.opcheck(OPS[name], _args(dtype, weight, bias))
+
+
+@pytest.mark.parametrize("spec", ["rms", "bert_ln"])
+def test_a_converted_transformer_compiles_whole_and_exports(spec):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=4, intermediate_size=37)).eval()
+    converted = normswap.convert(model, spec).eval()
+    ids = torch.randint(0, 99, (2, 7))
+    with torch.no_grad():
+        expected = converted(ids).last_hidden_state
+        compiled = torch.compile(converted, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(ids).last_hidden_state, expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(converted, (ids,))
+        assert any("normswap" in str(n.target) for n in exported.graph.nodes)  # one operator, not a decomposition
+        torch.testing.assert_close(exported.module()(ids).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("shape,dtype,affine,memory_format", [
+    ((2, 8, 5, 5), torch.float32, True, torch.contiguous_format),  # the fused CPU kernels
+    ((2, 8, 5, 5), torch.float32, False, torch.channels_last),      # torch ops, another layout
+    ((3, 6, 7), torch.float64, True, torch.contiguous_format),      # torch ops, float64
+])
+def test_the_channel_layer_norm_operator_passes_opcheck(shape, dtype, affine, memory_format):
+    from normswap.norms.channel_layer_norm import channel_layer_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=memory_format)
+    c = shape[1]
+    w = torch.randn(c, generator=g, dtype=dtype, requires_grad=True) if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype, requires_grad=True) if affine else None
+    torch.library.opcheck(channel_layer_norm, (x.requires_grad_(), w, b, 1e-5))
