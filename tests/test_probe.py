@@ -327,10 +327,21 @@ def test_a_norm_that_ignores_its_dummy_weight_is_replaced_by_one_of_any_size():
         def forward(self, x):
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
-    model = nn.Sequential(nn.Linear(4, 6), WeightlessRMSNorm(64))
+    class Mixer(nn.Module):  # FalconMamba's mixer reads the norm's dummy weight for its fused kernel
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Linear(4, 6), WeightlessRMSNorm(64)
+
+        def forward(self, x):
+            assert self.norm.weight.shape == (64,)
+            return self.norm(self.proj(x))
+
+    model = Mixer()
     converted = normswap.convert(model, "ln")
     x = torch.randn(3, 4)
-    torch.testing.assert_close(converted(x), F.layer_norm(model[0](x), (6,), eps=1e-6))
+    torch.testing.assert_close(converted(x), F.layer_norm(model.proj(x), (6,), eps=1e-6))
+    assert torch.equal(converted.norm.weight, model.norm.weight) and converted.state_dict().keys() == model.state_dict().keys()
+    assert any("non-persistent buffer weight kept" in w for w in normswap.last_plan(converted).replaced[0].warnings)
 
 
 def test_inspect_marks_probed_norms():

@@ -69,6 +69,13 @@ def carry_over(new: nn.Module, info: NormInfo, source: nn.Module) -> tuple[list[
         if new._buffers.get(name) is not None and old is not None and old.shape == new._buffers[name].shape:
             new._buffers[name] = old
             carried.append(name)
+    for name in sorted(getattr(source, "_non_persistent_buffers_set", ())):
+        # a non-persistent buffer is not in any checkpoint, but the model's own code may read it
+        # (falcon_mamba passes its weightless norms' dummy ``weight`` to a fused kernel): keep it
+        buf = source._buffers.get(name)
+        if buf is not None and not hasattr(new, name):
+            new.register_buffer(name, buf, persistent=False)
+            notes.append(f"non-persistent buffer {name} kept (not in checkpoints; the model's code may read it)")
     return carried, notes
 
 
