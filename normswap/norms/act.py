@@ -9,6 +9,9 @@ same behaviour by switching it to a subclass whose ``forward`` runs the norm's o
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -16,10 +19,23 @@ _ACT_CLASSES: dict[type, type] = {}
 
 
 class ActDropMixin:
-    """Runs the wrapped norm, then ``self.drop`` and ``self.act`` (timm's order)."""
+    """Runs the wrapped norm, then ``self.drop`` and ``self.act`` (timm's order).
+
+    The norm's own ``forward`` is held as ``_norm_forward`` by :func:`act_class` (TorchScript compiles no
+    ``super()`` call; it compiles this method under that name)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))  # type: ignore[misc]
+        return self.act(self.drop(self._norm_forward(x)))  # type: ignore[attr-defined]
+
+
+def _renamed(forward: Callable) -> Callable:
+    """``forward`` as a function named ``_norm_forward`` (TorchScript compiles a method called on ``self``
+    under its function's ``__name__``, and a second ``forward`` would clash)."""
+    fn = types.FunctionType(forward.__code__, forward.__globals__, "_norm_forward", forward.__defaults__,
+                            forward.__closure__)
+    fn.__kwdefaults__, fn.__annotations__ = forward.__kwdefaults__, dict(forward.__annotations__)
+    fn.__module__, fn.__qualname__ = forward.__module__, forward.__qualname__.rsplit(".", 1)[0] + "._norm_forward"
+    return fn
 
 
 def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
@@ -35,7 +51,8 @@ def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
     cls = _ACT_CLASSES.get(norm_cls)
     if cls is None:
         name = f"{norm_cls.__name__}Act"
-        cls = type(name, (ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name})
+        cls = type(name, (ActDropMixin, norm_cls),
+                   {"__module__": __name__, "__qualname__": name, "_norm_forward": _renamed(norm_cls.forward)})
         _ACT_CLASSES[norm_cls] = cls
         # module-level name so that pickling a whole model can find the class again
         globals().setdefault(name, cls)

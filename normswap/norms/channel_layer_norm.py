@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .scripted import channels_first
 
 
 def _native_ok(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -111,6 +112,8 @@ class ChannelLayerNorm(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # a static branch: TorchScript compiles only this side
+            return channels_first("layer", x, self.weight, self.bias, self.eps)
         if x.dim() <= 2:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if x.dtype in (torch.float16, torch.bfloat16) or x.dtype != (self.weight.dtype if self.weight is not None

@@ -24,35 +24,21 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normswap.errors import OptionError
 from normswap.norms import native
+from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 _bn_forward_out = torch.ops.aten.native_batch_norm.out
 _bn_backward_out = torch.ops.aten.native_batch_norm_backward.out
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default
-
-
-def _chunk_sizes(batch: int, values_per_sample: int, virtual_batch_size: int) -> tuple[int, ...]:
-    """Sizes of the virtual batches along dim 0.
-
-    A chunk holding a single value per channel cannot be normalized (its variance is undefined): a trailing
-    one joins the chunk before it, and ``virtual_batch_size=1`` on inputs without spatial dims acts as 2.
-    """
-    size = virtual_batch_size if virtual_batch_size * values_per_sample > 1 else 2
-    sizes = [size] * (batch // size)
-    rest = batch - size * len(sizes)
-    if rest:
-        if rest * values_per_sample == 1 and sizes:
-            sizes[-1] += rest
-        else:
-            sizes.append(rest)
-    return tuple(sizes)
 
 
 def _native_ok(x: Tensor, weight: Tensor | None, save_mean: Tensor) -> bool:
@@ -174,18 +160,20 @@ class _GhostBatchNormBase:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_ops(x)
         self._check_input_dim(x)
         # Same rule as nn.BatchNorm: batch statistics in training mode, or whenever there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
-            return super().forward(x)
+            return self._batch_norm(x)
         values_per_sample = math.prod(x.shape[2:])
         if x.shape[0] * values_per_sample == 1:
             # The exact error (type and message) nn.BatchNorm raises for this input.
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-        sizes = _chunk_sizes(x.shape[0], values_per_sample, self.virtual_batch_size)
+        sizes = tuple(chunk_sizes(x.shape[0], values_per_sample, self.virtual_batch_size))
         if len(sizes) <= 1:
-            return super().forward(x)  # one virtual batch: plain BatchNorm, running stats and all
+            return self._batch_norm(x)  # one virtual batch: plain BatchNorm, running stats and all
 
         update = self.training and self.track_running_stats and self.running_mean is not None
         stats_dtype = self.running_mean.dtype if update else None
@@ -193,33 +181,61 @@ class _GhostBatchNormBase:
         if not update:
             return out
         y, chunk_mean, chunk_var = out
-        self._update_running_stats(chunk_mean, chunk_var, sizes, values_per_sample)
+        with torch.no_grad():
+            self._update_running_stats(chunk_mean, chunk_var, list(sizes), values_per_sample)
         return y
 
-    @torch.no_grad()
-    def _update_running_stats(
-        self, chunk_mean: Tensor, chunk_var: Tensor, sizes: tuple[int, ...], values_per_sample: int
-    ) -> None:
-        """Fold the per-chunk statistics into one whole-batch update, as ``nn.BatchNorm`` would do it."""
+    def _forward_ops(self, x: Tensor) -> Tensor:
+        """The same layer in torch ops, which TorchScript compiles (the eager path runs a fused function)."""
+        self._check_input_dim(x)
+        running_mean, running_var = self.running_mean, self.running_var
+        if not self.training and running_mean is not None and running_var is not None:
+            return self._batch_norm(x)
+        values_per_sample = 1
+        for size in x.shape[2:]:
+            values_per_sample *= size
+        sizes = chunk_sizes(x.shape[0], values_per_sample, self.virtual_batch_size)
+        if len(sizes) <= 1:
+            return self._batch_norm(x)
+        y, chunk_mean, chunk_var = ghost_batch_norm_train(x, self.weight, self.bias, sizes, self.eps)
+        if self.training and self.track_running_stats and running_mean is not None:
+            with torch.no_grad():
+                self._update_running_stats(chunk_mean, chunk_var, sizes, values_per_sample)
+        return y
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """``nn.BatchNorm``'s forward (one virtual batch, or eval with running statistics), in its own words
+        because TorchScript compiles no ``super()`` call."""
+        momentum = self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean if keep else None, self.running_var if keep else None,
+                            self.weight, self.bias, batch_stats, factor, self.eps)
+
+    def _update_running_stats(self, chunk_mean: Tensor, chunk_var: Tensor, sizes: List[int],
+                              values_per_sample: int) -> None:
+        """Fold the per-chunk statistics into one whole-batch update, as ``nn.BatchNorm`` would do it
+        (called under ``no_grad``)."""
+        running_mean, running_var = self.running_mean, self.running_var
+        if running_mean is None or running_var is None:
+            return
         # nn.BatchNorm's bookkeeping, including momentum=None (cumulative average over the batches seen).
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-
-        # Law of total variance on [chunks, C] tensors, in float64 to keep the merge itself exact.
-        counts = torch.tensor(sizes, dtype=torch.float64, device=chunk_mean.device).mul_(values_per_sample)
-        counts = counts.unsqueeze(1)
-        total = float(sum(sizes) * values_per_sample)
-        means = chunk_mean.double()
-        mean = (counts * means).sum(0).div_(total)
-        m2 = ((counts - 1) * chunk_var.double() + counts * (means - mean).square_()).sum(0)
-        var = m2.div_(total - 1)
-
+        momentum = self.momentum
+        factor = 0.0 if momentum is None else momentum
+        num_batches_tracked = self.num_batches_tracked
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        mean, var = merged_batch_stats(chunk_mean, chunk_var, sizes, values_per_sample)
         # Same update expression as the batch-norm kernel: momentum * batch + (1 - momentum) * running.
-        rm, rv = self.running_mean, self.running_var
-        rm.copy_(mean.mul_(factor).add_(rm.double(), alpha=1.0 - factor))
-        rv.copy_(var.mul_(factor).add_(rv.double(), alpha=1.0 - factor))
+        running_mean.copy_(mean.mul_(factor).add_(running_mean.double(), alpha=1.0 - factor))
+        running_var.copy_(var.mul_(factor).add_(running_var.double(), alpha=1.0 - factor))
 
 
 class GhostBatchNorm1d(_GhostBatchNormBase, nn.BatchNorm1d):

@@ -1,9 +1,10 @@
 """Shared machinery of the row-wise norm layers (:mod:`normswap.norms.rms_norm`, :mod:`normswap.norms.bert_layer_norm`).
 
-A *row kernel* is a :class:`torch.autograd.Function` called as ``kernel.apply(x, weight, bias, eps, d)`` on a
-2-D ``[rows, d]`` input; it normalizes each row and returns its own output tensor (never a view made inside
-its ``forward``, so that an in-place op after the norm, such as ``ReLU(inplace=True)``, is allowed). This file
-holds what the layers built on such kernels share:
+A *row kernel* is a ``torch.library`` operator made by :func:`define_row_op`, called as ``kernel(x, weight,
+bias, eps)`` on a 2-D ``[rows, d]`` input; it normalizes each row and returns ``(y, stats)``, ``y`` a tensor of
+its own (never a view of the input, so that an in-place op after the norm, such as ``ReLU(inplace=True)``, is
+allowed). Under ``torch.jit.script`` the layers run their formula in torch ops instead
+(:mod:`normswap.norms.scripted`). This file holds what the layers built on such kernels share:
 
 * the argument checks (``_check_shape``, ``_check_channels``, ``_check_eps``, ``_check_input``,
   ``_check_param``, ``_check_channels_first``);
@@ -350,8 +351,15 @@ class RowNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # a static branch: TorchScript compiles only this side
+            return self._ops(x, len(self.normalized_shape))
         _check_input(x, self.normalized_shape, type(self).__name__)
         return _apply_rows(type(self)._kernel, x, len(self.normalized_shape), self.weight, self.bias, self.eps)
+
+    def _ops(self, x: Tensor, ndims: int) -> Tensor:
+        """This layer's formula over the last ``ndims`` dims in torch ops (:mod:`normswap.norms.scripted`),
+        what ``torch.jit.script`` compiles; each layer defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no torch-ops formula for TorchScript")
 
     def _describe(self, size: object) -> str:
         return f"{size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
@@ -385,6 +393,8 @@ class ChannelsFirstRowNorm(RowNorm):
         self.num_channels = num_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._ops(x.movedim(1, -1), 1).movedim(-1, 1)
         _check_channels_first(x, self.num_channels, type(self).__name__)
         return _apply_channels_first(type(self)._kernel, x, self.weight, self.bias, self.eps)
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .scripted import pad_same_ops, standardize_weight_ops
+
 WS_EPS_MODES = ("inside", "outside")
 
 
@@ -46,12 +48,15 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6, mode: str = "ins
 
 
 class StandardizedConv:
-    """Mixin for conv classes: ``standardized_weight()`` with an eval-mode cache."""
-
-    ws_eps: float
-    ws_eps_mode: str
+    """Mixin for conv classes: ``standardized_weight()`` with an eval-mode cache; the instance holds
+    ``ws_eps`` (float) and ``ws_eps_mode`` (str)."""
 
     def standardized_weight(self) -> torch.Tensor:
+        if torch.jit.is_scripting():  # a static branch: TorchScript compiles only this side (no cache)
+            return standardize_weight_ops(self.weight, self.ws_eps, self.ws_eps_mode)
+        return self._cached_standardized_weight()
+
+    def _cached_standardized_weight(self) -> torch.Tensor:
         w = self.weight  # type: ignore[attr-defined]
         if (
             self.training  # type: ignore[attr-defined]
@@ -99,22 +104,12 @@ class StdConv3d(StandardizedConv, nn.Conv3d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-def _pad_same(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    # TF "SAME" padding computed from the input size, as timm's Conv2dSame does
-    pads = []
-    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(conv.kernel_size), reversed(conv.stride),
-                             reversed(conv.dilation)):
-        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
-
-
 class StdConv2dSame(StandardizedConv, nn.Conv2d):
     """timm ``Conv2dSame`` (TF "SAME" padding) with Weight Standardization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(_pad_same(x, self), self.standardized_weight(), self.bias, self.stride, (0, 0),
-                        self.dilation, self.groups)
+        return F.conv2d(pad_same_ops(x, self.kernel_size, self.stride, self.dilation), self.standardized_weight(),
+                        self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
 
 _STD_CLASSES: dict[type, type] = {nn.Conv1d: StdConv1d, nn.Conv2d: StdConv2d, nn.Conv3d: StdConv3d}
