@@ -1,37 +1,211 @@
-"""The same conversions on CUDA (skipped where CUDA is absent)."""
+"""normswap on CUDA (every test skips where CUDA is absent; ``benchmarks/gpu_check.sh`` runs them).
+
+Each converted model is compared with the same model on the CPU, on the same weights, in eval mode (a
+train-mode forward changes running statistics); each swapped-in layer is compared with its formula in
+float64, forward and backward, in float32, bfloat16 and float16; each normswap operator passes
+``torch.library.opcheck`` on CUDA tensors. Tolerances come from the dtype's rounding: a few units of
+its epsilon relative to the output's scale, times the depth of the computation where there is one.
+"""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import normswap
+from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
+from normswap.norms.channel_layer_norm import ChannelLayerNorm
+from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
+from normswap.norms.std_conv import standardize_conv
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("spec", ["gn_ws", "gn", "ghost_bn", "ln", "in"])
-def test_batchnorm_specs_on_cuda(spec):
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """TF32 off: float32 matmuls and convs on CUDA round like the CPU's."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def _rows_reference(kind, x, w, b, eps, dims):
+    """The formula of each row norm over ``dims``, in the dtype of its arguments."""
+    if kind == "rms":
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    elif kind == "bert":
+        std, mean = torch.std_mean(x, dims, correction=1, keepdim=True)
+        y = (x - mean) / (std + eps)
+    else:
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + eps)
+    return y * w + (b if b is not None else 0)
+
+
+def _reference_and_grads(kind, layer, x, gy, channels_first, dtype):
+    """``(y, grads of x, weight, bias)`` of the formula on ``x``'s values computed in ``dtype``."""
+    xr = x.detach().to(dtype).requires_grad_(True)
+    params = [p.detach().to(dtype).requires_grad_(True) if p is not None else None for p in (layer.weight, layer.bias)]
+    if channels_first:
+        y = _rows_reference(kind, xr.movedim(1, -1), *params, layer.eps, [-1]).movedim(-1, 1)
+    else:
+        y = _rows_reference(kind, xr, *params, layer.eps, [-1])
+    y.backward(gy.to(dtype))
+    return y.detach(), [t.grad for t in (xr, *params) if t is not None]
+
+
+def _max_diff(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+LAYERS = [  # (layer, kind, channels_first)
+    (lambda c: RMSNorm(c, eps=1e-6), "rms", False),
+    (lambda c: RMSNorm(c, eps=1e-6, bias=True), "rms", False),
+    (lambda c: BertLayerNorm(c), "bert", False),
+    (lambda c: RMSNorm2d(c, eps=1e-6), "rms", True),
+    (lambda c: BertLayerNorm2d(c), "bert", True),
+    (lambda c: ChannelLayerNorm(c), "layer", True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make,kind,channels_first", LAYERS)
+def test_each_layer_computes_its_formula_forward_and_backward(make, kind, channels_first, dtype):
+    torch.manual_seed(0)
+    c = 96
+    layer = make(c).cuda()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    shape = (4, c, 5, 7) if channels_first else (4, 33, c)
+    x = (torch.randn(shape, device="cuda") * 3 + 1).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    # (on CUDA every layer runs torch ops or fused GPU kernels; on the CPU, float32 ChannelLayerNorm runs a
+    # one-pass C kernel whose float32 error is a few times the formula's)
+    ref, ref_grads = _reference_and_grads(kind, layer, x, gy, channels_first, torch.float64)
+    # the formula's own float32 error bounds the computation; half outputs are then rounded once more
+    f32, f32_grads = _reference_and_grads(kind, layer, x, gy, channels_first, torch.float32)
+    rounding = _eps(dtype) if dtype != torch.float32 else 0.0
+    tol = 4 * _max_diff(f32, ref) + rounding * float(ref.abs().max()) + 1e-7
+    assert _max_diff(y, ref) <= tol
+    got_grads = [t.grad for t in (x, layer.weight, layer.bias) if t is not None]
+    # a parameter's gradient sums M = rows products gy * x_hat, each of which a half-precision kernel may
+    # round once: |x_hat| <= sqrt(C) for these norms, so the sum is off by at most ~ eps * sqrt(M) * that
+    rows = x.numel() // c
+    term = rounding * rows ** 0.5 * float(gy.abs().max()) * c ** 0.5
+    for i, (got, expected, approx) in enumerate(zip(got_grads, ref_grads, f32_grads)):
+        gtol = 4 * _max_diff(approx, expected) + rounding * float(expected.abs().max()) + 1e-6 + (term if i else 0)
+        assert _max_diff(got, expected) <= gtol, (i, _max_diff(got, expected), gtol)
+
+
+@pytest.mark.parametrize("spec", ["gn_ws", "gn", "in", "ghost_bn", "ln"])
+def test_a_converted_cnn_on_cuda_matches_the_cpu_on_the_same_weights(spec):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("resnet18", pretrained=False).cuda()
-    out = normswap.convert(model, spec)
-    assert all(p.is_cuda for p in out.parameters()) and all(b.is_cuda for b in out.buffers())
-    x = torch.randn(4, 3, 64, 64, device="cuda")
-    y = out(x)
+    torch.manual_seed(0)
+    original = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    options = {"virtual_batch": 2} if spec == "ghost_bn" else {}
+    cpu = normswap.convert(original, spec, **options).eval()
+    cuda = copy.deepcopy(cpu).cuda()
+    assert all(t.is_cuda for t in [*cuda.parameters(), *cuda.buffers()])
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = cpu(x)
+        got = cuda(x.cuda()).cpu()
+        ref = copy.deepcopy(cpu).double()(x.double())
+    # float32 on two devices: each within its rounding of the float64 result, so within twice of each other
+    noise = float((expected.double() - ref).abs().max())
+    assert float((got - expected).abs().max()) <= 20 * noise + 1e-5
+    # converting a model that already lives on CUDA gives the same model
+    on_device = normswap.convert(copy.deepcopy(original).cuda(), spec, **options).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(on_device(x.cuda()), cuda(x.cuda()))
+    # train mode: finite forward and backward
+    cuda.train()
+    y = cuda(x.cuda())
     y.square().mean().backward()
     assert torch.isfinite(y).all()
-    assert all(torch.isfinite(p.grad).all() for p in out.parameters() if p.grad is not None)
-    out.eval()
+    assert all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
+
+
+def test_ghost_batch_norm_on_cuda_matches_the_cpu_in_train_mode_and_running_statistics():
+    torch.manual_seed(0)
+    cpu = GhostBatchNorm2d(8, virtual_batch_size=3)
     with torch.no_grad():
-        cpu = normswap.convert(model.cpu(), spec).eval()(x.cpu())
-        torch.testing.assert_close(out.cuda()(x).cpu(), cpu, atol=1e-3, rtol=1e-3)
+        cpu.weight.uniform_(0.5, 1.5)
+        cpu.bias.uniform_(-0.5, 0.5)
+    cuda = copy.deepcopy(cpu).cuda()
+    x = torch.randn(10, 8, 5, 5) * 2 + 1
+    expected = cpu(x)
+    got = cuda(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, atol=16 * _eps(torch.float32) * 4, rtol=0)
+    for key, value in cpu.state_dict().items():
+        torch.testing.assert_close(cuda.state_dict()[key].cpu(), value, msg=key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_standardization_on_cuda(dtype):
+    torch.manual_seed(0)
+    conv = standardize_conv(nn.Conv2d(8, 16, 3)).cuda().to(dtype)
+    w = conv.weight.detach().double().flatten(1)
+    var, mean = torch.var_mean(w, 1, correction=0, keepdim=True)
+    ref = ((w - mean) * torch.rsqrt(var + conv.ws_eps)).view_as(conv.weight)
+    got = conv.standardized_weight().double()
+    assert float((got - ref).abs().max()) <= 4 * _eps(dtype) * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("name", ["rms_norm_rows", "bert_layer_norm_rows"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_operators_pass_opcheck_on_cuda(name, dtype):
+    op = getattr(torch.ops.normswap, name).default
+    x = torch.randn(37, 96, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.rand(96, device="cuda", requires_grad=True)
+    b = torch.rand(96, device="cuda", requires_grad=True)
+    torch.library.opcheck(op, (x, w, b, 1e-6))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channel_layer_norm_operator_passes_opcheck_on_cuda(memory_format):
+    x = torch.randn(2, 16, 5, 7, device="cuda").to(memory_format=memory_format).requires_grad_(True)
+    w = torch.rand(16, device="cuda", requires_grad=True)
+    b = torch.rand(16, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.normswap.channel_layer_norm.default, (x, w, b, 1e-5))
 
 
 @pytest.mark.parametrize("spec", ["rms", "bert_ln"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layernorm_specs_on_cuda(spec, dtype):
-    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 8)).cuda().to(dtype)
-    out = normswap.convert(model, spec)
-    x = torch.randn(16, 64, device="cuda", dtype=dtype, requires_grad=True)
-    y = out(x)
-    y.float().square().mean().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+def test_a_converted_transformer_compiles_whole_on_cuda(spec):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    model = normswap.convert(transformers.BertModel(config).eval(), spec).cuda()
+    ids = torch.randint(0, 64, (2, 12), device="cuda")
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(ids).last_hidden_state, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["gn_ws", "ghost_bn", "ln"])
+def test_a_converted_model_scripts_on_cuda(spec):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = normswap.convert(timm.create_model("resnet10t", pretrained=False, num_classes=5), spec,
+                             **({"virtual_batch": 2} if spec == "ghost_bn" else {})).cuda().eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=1e-4)

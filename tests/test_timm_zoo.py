@@ -5,7 +5,7 @@ LayerNorm converts with rms and bert_ln. CI runs a seeded sample; ``pytest -m sl
 import pytest
 import timm
 
-from timm_zoo import SAMPLE, check_timm, sample, with_norm as _with
+from timm_zoo import INDEX, SAMPLE, check_timm, sample, with_norm as _with
 
 AVAILABLE = set(timm.list_models())
 
@@ -19,16 +19,21 @@ LN = _with("layer")
 KNOWN_FAILURES: dict[str, str] = {}
 
 
-FAST_BN, FAST_LN = 12, 2  # of each sample, the first ones run in the fast suite, the rest under -m long
+# of each sample, the first ones up to FAST_MAX_PARAMS run in the fast suite, the rest under -m long
+FAST_BN, FAST_LN, FAST_MAX_PARAMS = 10, 2, 8e6
 
 
 def _param(names, fast=None):
-    """``names`` as parameters: known failures xfail; all but the first ``fast`` are marked ``long``."""
-    out = []
-    for i, n in enumerate(names):
+    """``names`` as parameters: known failures xfail; all but the first ``fast`` of at most FAST_MAX_PARAMS
+    parameters are marked ``long``."""
+    out, quick = [], 0
+    for n in names:
         marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True)] if n in KNOWN_FAILURES else []
-        if fast is not None and i >= fast:
-            marks.append(pytest.mark.long)
+        if fast is not None:
+            if quick < fast and INDEX[n]["params"] <= FAST_MAX_PARAMS:
+                quick += 1
+            else:
+                marks.append(pytest.mark.long)
         out.append(pytest.param(n, marks=marks))
     return out
 
