@@ -21,11 +21,20 @@ SAMPLE = 64
 MAX_SIDE = 96
 
 
-def with_norm(kind: str, max_params: float = float("inf")) -> list[str]:
+def with_norm(kind: str, max_params: float = float("inf"), installed_only: bool = True) -> list[str]:
     """The architectures of the recorded index (``tests/data/timm_norms.json``) holding a ``kind`` norm, up to
-    ``max_params`` parameters, that this timm has."""
-    available = set(timm.list_models())
+    ``max_params`` parameters (that this timm has, unless ``installed_only=False``: the samples are drawn
+    from the record alone, so that every timm version tests the same models)."""
+    available = set(timm.list_models()) if installed_only else set(INDEX)
     return sorted(n for n, d in INDEX.items() if kind in d["kinds"] and d["params"] <= max_params and n in available)
+
+
+def skip_unless_installed(name: str) -> None:
+    """Skip the calling test when the installed timm lacks ``name`` (a recorded sample is pinned)."""
+    import pytest
+
+    if name not in timm.list_models():
+        pytest.skip(f"{name} is in tests/data/timm_norms.json but not in timm {timm.__version__}")
 
 
 def has_norm(model: nn.Module, kind: str) -> bool:
