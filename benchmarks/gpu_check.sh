@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh                 # results under $OUT (or benchmarks/gpu_results)
 #   DEVICE=cpu SKIP_SUITE=1 bash benchmarks/gpu_check.sh   # a dry run of the script itself on a CPU
 #
-# 1. pytest -m gpu (tests/test_gpu.py: each layer against its formula in fp32/bf16/fp16, converted models
+# 1. pytest -m gpu (tests/test_triton.py: the Triton row kernels natively; tests/test_gpu.py: each layer against its formula in fp32/bf16/fp16, converted models
 #    on CUDA against the CPU on the same weights, opcheck of every normswap operator, compile, scripting);
 # 2. normswap validate --device cuda on timm and HF models with several specs;
 # 3. benchmarks/suite.py --device cuda --quick (tables with date, torch version and GPU name).
@@ -44,7 +44,7 @@ for name in ("timm", "transformers", "triton"):
 EOF
 cat "$RESULTS/env.txt"
 
-step pytest_gpu 150 $PY -m pytest -q -m gpu -o addopts="" -p no:cacheprovider tests/test_gpu.py -rs --durations=5
+step pytest_gpu 200 $PY -m pytest -q -m gpu -o addopts="" -p no:cacheprovider tests/test_gpu.py tests/test_triton.py -rs --durations=5
 
 # a tiny HF folder for validate (random weights, nothing downloaded)
 HF_DIR=$(mktemp -d)
@@ -63,7 +63,7 @@ step validate_hf_bert_rms 40 $PY -m normswap validate --model "$HF_DIR" --spec r
 rm -rf "$HF_DIR"
 
 if [ "${SKIP_SUITE:-0}" != 1 ]; then
-    step suite 180 $PY benchmarks/suite.py --device "$DEVICE" --quick --out "$RESULTS/benchmarks_$DEVICE.md"
+    step suite 160 $PY benchmarks/suite.py --device "$DEVICE" --quick --out "$RESULTS/benchmarks_$DEVICE.md"
 fi
 
 echo "== results in $RESULTS (exit status $status)"

@@ -95,7 +95,7 @@ def _backward_torch(
     return gx, gw, gb
 
 
-_IMPL = RowImpl(native.bert_forward, native.bert_backward, _forward_torch, _backward_torch)
+_IMPL = RowImpl(native.bert_forward, native.bert_backward, _forward_torch, _backward_torch, "bert")
 
 
 bert_layer_norm_rows = define_row_op("bert_layer_norm_rows", _IMPL, 3)

@@ -82,7 +82,7 @@ def _backward_torch(
     return gx, gw, g.sum(0) if need_b else None
 
 
-_IMPL = RowImpl(native.rms_forward, native.rms_backward, _forward_torch, _backward_torch)
+_IMPL = RowImpl(native.rms_forward, native.rms_backward, _forward_torch, _backward_torch, "rms")
 
 
 rms_norm_rows = define_row_op("rms_norm_rows", _IMPL, 1)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
-from normswap.norms import native
+from normswap.norms import native, triton_rows
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -142,18 +142,23 @@ class RowImpl:
       ``fresh`` says ``xc`` is a private upcast copy the forward may overwrite.
 
     ``xc`` / ``g`` are ``[rows, d]`` in the compute dtype; ``need`` is (input, weight, bias) gradients wanted.
+    ``triton_kind`` (``"rms"`` or ``"bert"``) names the Triton kernels of :mod:`normswap.norms.triton_rows`
+    that run on CUDA tensors where Triton is installed.
     """
 
     native_forward: Callable
     native_backward: Callable
     torch_forward: Callable
     torch_backward: Callable
+    triton_kind: str | None = None
 
 
 def row_forward(impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 eps: float) -> tuple[Tensor, Tensor]:
     """The forward of a row norm on ``x`` ``[rows, d]``: ``(y in x's dtype, stats)``, the statistics in the
     compute dtype as one ``[rows, k]`` tensor, on the fused kernels where they apply, else on torch ops."""
+    if impl.triton_kind is not None and triton_rows.usable(x):  # reads x in its own dtype: no upcast copy
+        return triton_rows.forward(x, weight, bias, eps, impl.triton_kind == "bert")
     cdt = _compute_dtype(x.dtype)
     with _no_autocast(x.device.type):
         xc = x if x.dtype == cdt else x.to(cdt)
@@ -171,6 +176,10 @@ def row_backward(impl: RowImpl, gy: Tensor, x: Tensor, stats: Tensor, weight: Te
                  eps: float, need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of :func:`row_forward`, on the implementation it used (the same choice for the same
     tensors), each in its input's dtype."""
+    if impl.triton_kind is not None and triton_rows.usable(x):
+        gx, gw, gb = triton_rows.backward(gy, x, stats, weight, impl.triton_kind == "bert", need)
+        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
+        return gx, gw, None if bias is None else _restore(gb, bias.dtype, bias.shape)
     cdt = stats.dtype
     with _no_autocast(gy.device.type):
         g = _as_rows(gy, x.shape[1], cdt)
