@@ -113,7 +113,7 @@ def architectures(draw) -> tuple[nn.Module, torch.Tensor]:
     for _ in range(draw(st.integers(1, 4))):
         c_out = draw(st.integers(2, 12))
         conv = _conv(c, c_out, draw)
-        c_new = c if isinstance(conv, nn.Conv2d) and conv.groups == c and conv.groups > 1 else c_out
+        c_new = (conv[-1] if isinstance(conv, nn.Sequential) else conv).out_channels  # depthwise keeps c
         norm = _norm(draw(st.sampled_from(["bn", "bn", "gn", "in", "frozen", "bnact", "ln2d", "functional"])),
                      c_new, draw)
         act = draw(st.sampled_from([nn.ReLU(inplace=True), nn.GELU(), nn.Identity()]))
