@@ -80,6 +80,38 @@ CHECK = textwrap.dedent('''
             if not ok:
                 failures += 1
                 print("FAIL", kind, dtype, shape, has_w, has_b, strided, name, diff, tol)
+    # ChannelLayerNorm: LayerNorm over dim 1 of a contiguous [N, C, *] input, no transposes
+    from normswap.norms import triton_channels
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+    for dtype, shape, affine in itertools.product([torch.float32, torch.bfloat16, torch.float16],
+                                                  [(2, 16, 5, 7), (3, 33, 10), (2, 8, 3, 4, 5), (1, 600, 3)],
+                                                  [True, False]):
+        layer = ChannelLayerNorm(shape[1], affine=affine).to(device)
+        if affine:
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+        x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype).requires_grad_(True)
+        assert triton_channels.usable(x.detach()), "the Triton kernels do not run"
+        gy = torch.randn(shape, device=device).to(dtype)
+        y = layer(x)
+        y.backward(gy)
+        got = [y.detach(), x.grad] + ([layer.weight.grad, layer.bias.grad] if affine else [])
+        refs = []
+        for cdt in (torch.float64, torch.float32):
+            xr = x.detach().to(cdt).movedim(1, -1).requires_grad_(True)
+            params = [p.detach().to(cdt).requires_grad_(True) for p in (layer.weight, layer.bias)] if affine else [None, None]
+            out = torch.nn.functional.layer_norm(xr, (shape[1],), params[0], params[1], layer.eps)
+            out.backward(gy.to(cdt).movedim(1, -1))
+            refs.append([out.detach().movedim(-1, 1), xr.grad.movedim(-1, 1)] + ([p.grad for p in params] if affine else []))
+        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        for name, g, exp, approx in zip(["y", "dx", "dw", "db"], got, refs[0], refs[1]):
+            diff = float((g.double() - exp).abs().max())
+            tol = 4 * float((approx.double() - exp).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
+            if not diff <= tol:
+                failures += 1
+                print("FAIL channel", dtype, shape, affine, name, diff, tol)
+
     # constant rows: BERT's std is 0 there; the output is the bias and the gradient finite (no 0 / 0)
     x = torch.full((4, 16), 3.0, device=device).requires_grad_(True)
     w = torch.rand(16, device=device).requires_grad_(True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import native, triton_channels
 from .scripted import channels_first
 
 
@@ -29,6 +29,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``: y in x's memory layout, the statistics ``[N, S]`` (S the positions)."""
     n, c = x.shape[:2]
+    if triton_channels.usable(x):
+        return triton_channels.forward(x, weight, bias, eps)
     if _native_ok(x, weight, bias):
         return native.channel_ln_forward(x, weight, bias, eps)
     y, mean, rstd = torch.native_layer_norm(_moved(x), (c,), weight, bias, eps)
@@ -41,7 +43,11 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: tor
               weight: torch.Tensor | None, bias: torch.Tensor | None, need_x: bool, need_weight: bool,
               need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = x.shape[1]
-    if _native_ok(x, weight, bias):
+    if triton_channels.usable(x):
+        gx, gw, gb = triton_channels.backward(grad, x, mean, rstd, weight, need_x, need_weight, need_bias)
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(bias.dtype) if gb is not None and bias is not None else None
+    elif _native_ok(x, weight, bias):
         gx, gw, gb = native.channel_ln_backward(grad, x, mean, rstd, weight, need_x, need_weight, need_bias)
         gw = gw.to(weight.dtype) if gw is not None else None
     else:
@@ -116,8 +122,9 @@ class ChannelLayerNorm(nn.LayerNorm):
             return channels_first("layer", x, self.weight, self.bias, self.eps)
         if x.dim() <= 2:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if x.dtype in (torch.float16, torch.bfloat16) or x.dtype != (self.weight.dtype if self.weight is not None
-                                                                     else x.dtype):
+        mixed = x.dtype in (torch.float16, torch.bfloat16) or x.dtype != (self.weight.dtype if self.weight is not None
+                                                                          else x.dtype)
+        if mixed and not triton_channels.usable(x):
             # half inputs, or parameters of another dtype (autocast): torch's layer norm does the casting
             y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
             return y.movedim(-1, 1)
