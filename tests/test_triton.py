@@ -1,5 +1,6 @@
-"""The Triton row-norm kernels (``normswap/norms/triton_rows.py``) against float64 references, forward and
-backward, float32/bfloat16/float16, odd sizes, non-contiguous inputs, with and without weight and bias.
+"""The Triton kernels (``normswap/norms/triton_rows.py``, ``triton_channels.py``) against float64
+references, forward and backward, float32/bfloat16/float16, odd sizes, non-contiguous inputs, with and
+without weight and bias; and every kernel variant compiled for a CUDA target.
 
 On this CPU-only machine they run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) in a
 child process (the interpreter switch is read when Triton defines the kernels); under the ``gpu`` marker
@@ -23,7 +24,8 @@ CHECK = textwrap.dedent('''
     from normswap.norms.bert_layer_norm import bert_layer_norm
     from normswap.norms.rms_norm import rms_norm
 
-    device = sys.argv[1]
+    device, full = sys.argv[1], sys.argv[2] == "full"
+    DTYPES = [torch.float32, torch.bfloat16, torch.float16] if full else [torch.float32, torch.bfloat16]
 
     def reference(kind, x, w, b, eps):
         if kind == "rms":
@@ -44,8 +46,8 @@ CHECK = textwrap.dedent('''
 
     failures = 0
     torch.manual_seed(0)
-    cases = itertools.product(["rms", "bert"], [torch.float32, torch.bfloat16, torch.float16],
-                              [(7, 33), (3, 5, 96), (1, 2)], [(True, True), (True, False), (False, False)],
+    cases = itertools.product(["rms", "bert"], DTYPES, [(7, 33), (3, 5, 96), (1, 2)] if full else [(7, 33), (3, 5, 96)],
+                              [(True, True), (True, False), (False, False)] if full else [(True, True), (False, False)],
                               [False, True])
     for kind, dtype, shape, (has_w, has_b), strided in cases:
         d = shape[-1]
@@ -83,9 +85,8 @@ CHECK = textwrap.dedent('''
     # ChannelLayerNorm: LayerNorm over dim 1 of a contiguous [N, C, *] input, no transposes
     from normswap.norms import triton_channels
     from normswap.norms.channel_layer_norm import ChannelLayerNorm
-    for dtype, shape, affine in itertools.product([torch.float32, torch.bfloat16, torch.float16],
-                                                  [(2, 16, 5, 7), (3, 33, 10), (2, 8, 3, 4, 5), (1, 600, 3)],
-                                                  [True, False]):
+    shapes = [(2, 16, 5, 7), (3, 33, 10), (2, 8, 3, 4, 5), (1, 600, 3)] if full else [(2, 16, 5, 7), (1, 600, 3)]
+    for dtype, shape, affine in itertools.product(DTYPES, shapes, [True, False]):
         layer = ChannelLayerNorm(shape[1], affine=affine).to(device)
         if affine:
             with torch.no_grad():
@@ -125,20 +126,59 @@ CHECK = textwrap.dedent('''
 ''')
 
 
-def _run(device, env):
-    return subprocess.run([sys.executable, "-c", CHECK, device], env=env, capture_output=True, text=True,
-                          timeout=900)
+COMPILE = textwrap.dedent('''
+    import itertools
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from normswap.norms import triton_kernels as k
+
+    def build(fn, pointers, scalars, constexprs):
+        signature = {**{p: "*" + t for p, t in pointers.items()}, **scalars, **{c: "constexpr" for c in constexprs}}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+    for dt, bert, has_w, has_b in itertools.product(["fp32", "bf16"], [True, False], [True, False], [True, False]):
+        build(k.row_forward_kernel, {"X": dt, "W": "fp32", "B": "fp32", "Y": dt, "S": "fp32"},
+              {"stride_x": "i32", "stride_y": "i32", "n": "i32", "eps": "fp32"},
+              {"BERT": bert, "HAS_W": has_w, "HAS_B": has_b, "BLOCK": 128})
+        build(k.row_backward_kernel, {"DY": dt, "X": dt, "W": "fp32", "S": "fp32", "DX": dt, "DW": "fp32", "DB": "fp32"},
+              {"stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "rows": "i32", "n": "i32", "rows_per_program": "i32"},
+              {"BERT": bert, "HAS_W": has_w, "NEED_X": True, "NEED_W": has_w, "NEED_B": has_b, "BLOCK": 128})
+        build(k.channel_forward_kernel, {"X": dt, "W": "fp32", "B": "fp32", "Y": dt, "MEAN": "fp32", "RSTD": "fp32"},
+              {"c": "i32", "s": "i32", "eps": "fp32"}, {"HAS_W": has_w, "HAS_B": has_b, "BLOCK_C": 64, "BLOCK_S": 64})
+        build(k.channel_backward_kernel, {"DY": dt, "X": dt, "MEAN": "fp32", "RSTD": "fp32", "W": "fp32", "DX": dt,
+                                          "DW": "fp32", "DB": "fp32"},
+              {"c": "i32", "s": "i32", "tiles_per_sample": "i32"},
+              {"HAS_W": has_w, "NEED_X": True, "NEED_W": has_w, "NEED_B": has_b, "BLOCK_C": 64, "BLOCK_S": 64})
+    print("compiled")
+''')
 
 
-def test_triton_row_kernels_in_the_interpreter_match_float64_references():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "NORMSWAP_TRITON": "1", "OMP_NUM_THREADS": "1"}
-    result = _run("cpu", env)
+def _run(script, *args, env=None):
+    return subprocess.run([sys.executable, "-c", script, *args], env=env or dict(os.environ), capture_output=True,
+                          text=True, timeout=900)
+
+
+INTERPRET = {**os.environ, "TRITON_INTERPRET": "1", "NORMSWAP_TRITON": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("profile", ["quick", pytest.param("full", marks=pytest.mark.long)])
+def test_triton_kernels_in_the_interpreter_match_float64_references(profile):
+    result = _run(CHECK, "cpu", profile, env=INTERPRET)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "failures 0" in result.stdout
 
 
+@pytest.mark.long
+def test_triton_kernels_compile_for_a_cuda_target():
+    """Every kernel variant compiles to sm_90 machine code (no GPU needed): what the interpreter cannot see,
+    such as types the compiler would refuse, shows up here."""
+    result = _run(COMPILE)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_row_kernels_on_cuda_match_float64_references():
-    result = _run("cuda", dict(os.environ))
+def test_triton_kernels_on_cuda_match_float64_references():
+    result = _run(CHECK, "cuda", "full")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

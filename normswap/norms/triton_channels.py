@@ -12,77 +12,13 @@ for the interpreter on CPU tensors).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from .triton_rows import _block, _interpreting
+from .triton_rows import _block, _cdiv, _interpreting, kernels
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements of one program's tile: channels x positions
-
-
-@functools.cache
-def _kernels():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def forward_kernel(X, W, B, Y, MEAN, RSTD, c, s, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        ch = tl.arange(0, BLOCK_C)
-        mask = (ch[:, None] < c) & (pos[None, :] < s)
-        offsets = n * c * s + ch[:, None] * s + pos[None, :]
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / c
-        xc = tl.where(mask, x - mean[None, :], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / c + eps)
-        h = xc * rstd[None, :]
-        if HAS_W:
-            h = h * tl.load(W + ch, mask=ch < c, other=0.0).to(tl.float32)[:, None]
-        if HAS_B:
-            h = h + tl.load(B + ch, mask=ch < c, other=0.0).to(tl.float32)[:, None]
-        tl.store(Y + offsets, h.to(Y.dtype.element_ty), mask=mask)
-        tl.store(MEAN + n * s + pos, mean, mask=pos < s)
-        tl.store(RSTD + n * s + pos, rstd, mask=pos < s)
-
-    @triton.jit
-    def backward_kernel(DY, X, MEAN, RSTD, W, DX, DW, DB, c, s, tiles_per_sample, HAS_W: tl.constexpr,
-                        NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        tile = tl.program_id(1)
-        pos = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-        ch = tl.arange(0, BLOCK_C)
-        mask = (ch[:, None] < c) & (pos[None, :] < s)
-        offsets = n * c * s + ch[:, None] * s + pos[None, :]
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + n * s + pos, mask=pos < s, other=0.0)
-        rstd = tl.load(RSTD + n * s + pos, mask=pos < s, other=0.0)
-        h = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-        if NEED_X:
-            if HAS_W:
-                g = dy * tl.load(W + ch, mask=ch < c, other=0.0).to(tl.float32)[:, None]
-            else:
-                g = dy
-            mean_g = tl.sum(g, axis=0) / c
-            mean_gh = tl.sum(g * h, axis=0) / c
-            dx = rstd[None, :] * (g - mean_g[None, :] - h * mean_gh[None, :])
-            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-        row = n * tiles_per_sample + tile
-        if NEED_W:
-            tl.store(DW + row * c + ch, tl.sum(dy * h, axis=1), mask=ch < c)
-        if NEED_B:
-            tl.store(DB + row * c + ch, tl.sum(dy, axis=1), mask=ch < c)
-
-    return triton, forward_kernel, backward_kernel
 
 
 def usable(x: Tensor) -> bool:
@@ -94,7 +30,7 @@ def usable(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return False
-    return x.is_contiguous() and _block(x.shape[1]) <= _TILE and _kernels() is not None
+    return x.is_contiguous() and _block(x.shape[1]) <= _TILE and kernels() is not None
 
 
 def _tiles(c: int, s: int) -> tuple[int, int]:
@@ -105,7 +41,6 @@ def _tiles(c: int, s: int) -> tuple[int, int]:
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)``: ``y`` in ``x``'s layout and dtype, the statistics float32 ``[N, S]``."""
-    triton, forward_kernel, _ = _kernels()
     n, c = x.shape[:2]
     s = x.numel() // max(n * c, 1)
     y = torch.empty_like(x)
@@ -115,7 +50,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -
         block_c, block_s = _tiles(c, s)
         w = weight.contiguous() if weight is not None else x
         b = bias.contiguous() if bias is not None else x
-        forward_kernel[(n, triton.cdiv(s, block_s))](x, w, b, y, mean, rstd, c, s, float(eps),
+        kernels().channel_forward_kernel[(n, _cdiv(s, block_s))](x, w, b, y, mean, rstd, c, s, float(eps),
                                                      HAS_W=weight is not None, HAS_B=bias is not None,
                                                      BLOCK_C=block_c, BLOCK_S=block_s)
     return y, mean, rstd
@@ -124,19 +59,18 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -
 def backward(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool,
              need_w: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`forward`: ``dx`` in ``x``'s dtype, ``dweight`` and ``dbias`` float32."""
-    triton, _, backward_kernel = _kernels()
     n, c = x.shape[:2]
     s = x.numel() // max(n * c, 1)
     gy = gy.contiguous()
     gx = torch.empty_like(x) if need_x else None
     need_w = need_w and weight is not None
     block_c, block_s = _tiles(c, s)
-    tiles = triton.cdiv(s, block_s) if s else 0
+    tiles = _cdiv(s, block_s) if s else 0
     dw = torch.zeros((max(n * tiles, 1), c), dtype=torch.float32, device=x.device) if need_w else None
     db = torch.zeros((max(n * tiles, 1), c), dtype=torch.float32, device=x.device) if need_b else None
     if x.numel():
         w = weight.contiguous() if weight is not None else x
-        backward_kernel[(n, tiles)](gy, x, mean.contiguous(), rstd.contiguous(), w, gx if gx is not None else x,
+        kernels().channel_backward_kernel[(n, tiles)](gy, x, mean.contiguous(), rstd.contiguous(), w, gx if gx is not None else x,
                                     dw if dw is not None else mean, db if db is not None else mean, c, s, tiles,
                                     HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
                                     BLOCK_C=block_c, BLOCK_S=block_s)
