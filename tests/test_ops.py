@@ -2,10 +2,12 @@
 (schema, fake kernel, autograd registration, AOT dispatch), and converted models compile with
 ``fullgraph=True`` and export with ``torch.export`` where the originals do."""
 
+import copy
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import normswap
 from normswap.norms.bert_layer_norm import bert_layer_norm_rows
@@ -65,3 +67,30 @@ def test_the_channel_layer_norm_operator_passes_opcheck(shape, dtype, affine, me
     w = torch.randn(c, generator=g, dtype=dtype, requires_grad=True) if affine else None
     b = torch.randn(c, generator=g, dtype=dtype, requires_grad=True) if affine else None
     torch.library.opcheck(channel_layer_norm, (x.requires_grad_(), w, b, 1e-5))
+
+
+@pytest.mark.parametrize("dtype,affine,stats", [
+    (torch.float32, True, True),    # the fused CPU kernels, running statistics wanted
+    (torch.float32, False, False),  # fused, no parameters, no statistics
+    (torch.float64, True, True),    # torch's batch-norm kernel per chunk
+])
+def test_the_ghost_batch_norm_operator_passes_opcheck(dtype, affine, stats):
+    from normswap.norms.ghost_batch_norm import ghost_batch_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, 3, 3, generator=g, dtype=dtype).requires_grad_()
+    w = torch.rand(4, generator=g, dtype=dtype).add_(0.5).requires_grad_() if affine else None
+    b = torch.randn(4, generator=g, dtype=dtype).requires_grad_() if affine else None
+    torch.library.opcheck(ghost_batch_norm, (x, w, b, [3, 3, 4], 1e-5, dtype if stats else None))
+
+
+def test_a_ghost_batch_norm_model_compiles_whole_in_train_mode():
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), GhostBatchNorm2d(8, virtual_batch_size=2), nn.ReLU()).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 3, 8, 8)
+    compiled = torch.compile(twin, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(twin[1].running_var, model[1].running_var)

@@ -72,63 +72,102 @@ def _backward_torch(
     return gx, gws, gbs
 
 
-class _GhostBatchNormFunction(torch.autograd.Function):
-    """Per-chunk training-mode batch norm written into one output; also returns per-chunk statistics."""
+def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float,
+             stats_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-chunk training-mode batch norm written into one output: ``(y, save_mean, save_invstd, chunk_mean,
+    chunk_var)``, the last two (each chunk's mean and unbiased variance, in ``stats_dtype``) empty when
+    ``stats_dtype`` is None."""
+    k, c = len(sizes), x.shape[1]
+    if _native_ok(x, weight, x) and (bias is None or bias.dtype == torch.float32):
+        y, save_mean, save_invstd, chunk_var = native.ghost_bn_forward(x, weight, bias, tuple(sizes), eps,
+                                                                      stats_dtype is not None)
+        if stats_dtype is None:
+            return y, save_mean, save_invstd, x.new_empty(0), x.new_empty(0)
+        return y, save_mean, save_invstd, save_mean.to(stats_dtype, copy=True), chunk_var.to(stats_dtype, copy=True)
+    y = torch.empty_like(x)
+    # save_mean / save_invstd follow the kernel's choice of dtype: that of the parameters if any.
+    param_dtype = weight.dtype if weight is not None else (stats_dtype or x.dtype)
+    save_mean = x.new_empty((k, c), dtype=param_dtype)
+    save_invstd = x.new_empty((k, c), dtype=param_dtype)
+    if stats_dtype is not None:
+        # momentum=1 turns the "running" buffers into plain outputs: mean and unbiased variance per chunk;
+        # zeros, not empty, because the kernel still multiplies the old value by 0 (NaN * 0 = NaN).
+        chunk_mean = x.new_zeros((k, c), dtype=stats_dtype)
+        chunk_var = x.new_zeros((k, c), dtype=stats_dtype)
+    else:
+        chunk_mean = chunk_var = None
+    start = 0
+    for i, n in enumerate(sizes):
+        _bn_forward_out(
+            x.narrow(0, start, n), weight, bias,
+            None if chunk_mean is None else chunk_mean[i], None if chunk_var is None else chunk_var[i],
+            True, 1.0, eps,
+            out=y.narrow(0, start, n), save_mean=save_mean[i], save_invstd=save_invstd[i],
+        )
+        start += n
+    if chunk_mean is None:
+        return y, save_mean, save_invstd, x.new_empty(0), x.new_empty(0)
+    return y, save_mean, save_invstd, chunk_mean, chunk_var
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: tuple[int, ...],
-                eps: float, stats_dtype: torch.dtype | None):
-        k, c = len(sizes), x.shape[1]
-        if _native_ok(x, weight, x) and (bias is None or bias.dtype == torch.float32):
-            y, save_mean, save_invstd, chunk_var = native.ghost_bn_forward(x, weight, bias, sizes, eps,
-                                                                          stats_dtype is not None)
-            ctx.save_for_backward(x, weight, save_mean, save_invstd)
-            ctx.sizes, ctx.eps = sizes, eps
-            if stats_dtype is None:
-                return y
-            chunk_mean, chunk_var = save_mean.to(stats_dtype), chunk_var.to(stats_dtype)
-            ctx.mark_non_differentiable(chunk_mean, chunk_var)
-            return y, chunk_mean, chunk_var
-        y = torch.empty_like(x)
-        # save_mean / save_invstd follow the kernel's choice of dtype: that of the parameters if any.
-        param_dtype = weight.dtype if weight is not None else (stats_dtype or x.dtype)
-        save_mean = x.new_empty((k, c), dtype=param_dtype)
-        save_invstd = x.new_empty((k, c), dtype=param_dtype)
-        if stats_dtype is not None:
-            # momentum=1 turns the "running" buffers into plain outputs: mean and unbiased variance per chunk;
-            # zeros, not empty, because the kernel still multiplies the old value by 0 (NaN * 0 = NaN).
-            chunk_mean = x.new_zeros((k, c), dtype=stats_dtype)
-            chunk_var = x.new_zeros((k, c), dtype=stats_dtype)
-        else:
-            chunk_mean = chunk_var = None
-        start = 0
-        for i, n in enumerate(sizes):
-            _bn_forward_out(
-                x.narrow(0, start, n), weight, bias,
-                None if chunk_mean is None else chunk_mean[i], None if chunk_var is None else chunk_var[i],
-                True, 1.0, eps,
-                out=y.narrow(0, start, n), save_mean=save_mean[i], save_invstd=save_invstd[i],
-            )
-            start += n
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
-        ctx.sizes = sizes
-        ctx.eps = eps
-        if chunk_mean is None:
-            return y
-        ctx.mark_non_differentiable(chunk_mean, chunk_var)
-        return y, chunk_mean, chunk_var
 
-    @staticmethod
-    def backward(ctx, gy: Tensor, *unused: Tensor):
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if _native_ok(x, weight, save_mean):
-            gx, gws, gbs = native.ghost_bn_backward(gy, x, save_mean, save_invstd, weight, ctx.sizes, need_x)
-        else:
-            gx, gws, gbs = _backward_torch(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
-        gw = gws.sum(0).to(weight.dtype) if need_w else None
-        gb = gbs.sum(0).to(weight.dtype) if need_b else None
-        return gx, gw, gb, None, None, None
+def _backward(gy: Tensor, x: Tensor, weight: Tensor | None, save_mean: Tensor, save_invstd: Tensor,
+              sizes: list[int], eps: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx or empty, per-chunk weight gradients, per-chunk bias gradients)``."""
+    if _native_ok(x, weight, save_mean):
+        gx, gws, gbs = native.ghost_bn_backward(gy, x, save_mean, save_invstd, weight, tuple(sizes), need_x)
+    else:
+        gx, gws, gbs = _backward_torch(gy, x, weight, save_mean, save_invstd, tuple(sizes), eps, need_x)
+    return gx if gx is not None else x.new_empty(0), gws, gbs
+
+
+ghost_batch_norm = torch.library.custom_op(
+    "normswap::ghost_batch_norm", _forward, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, int[] sizes, float eps, ScalarType? stats_dtype) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_ghost_batch_norm_backward = torch.library.custom_op(
+    "normswap::ghost_batch_norm_backward", _backward, mutates_args=(),
+    schema="(Tensor gy, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, int[] sizes, float eps, "
+           "bool need_x) -> (Tensor, Tensor, Tensor)")
+
+
+@ghost_batch_norm.register_fake
+def _(x, weight, bias, sizes, eps, stats_dtype):
+    k, c = len(sizes), x.shape[1]
+    # the dtype the real kernel gives its saved statistics: float32 from the fused CPU kernels, else the
+    # parameters' (or the statistics', or the input's)
+    fused = (native.available() and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+             and (weight is None or weight.dtype == torch.float32) and (bias is None or bias.dtype == torch.float32))
+    param_dtype = torch.float32 if fused else (weight.dtype if weight is not None else (stats_dtype or x.dtype))
+    stats = [x.new_empty((k, c), dtype=stats_dtype), x.new_empty((k, c), dtype=stats_dtype)] if stats_dtype \
+        else [x.new_empty(0), x.new_empty(0)]
+    return (torch.empty_like(x), x.new_empty((k, c), dtype=param_dtype), x.new_empty((k, c), dtype=param_dtype),
+            *stats)
+
+
+@_ghost_batch_norm_backward.register_fake
+def _(gy, x, weight, save_mean, save_invstd, sizes, eps, need_x):
+    k, c = save_mean.shape
+    return (torch.empty_like(x) if need_x else x.new_empty(0), save_mean.new_empty((k, c)),
+            save_mean.new_empty((k, c)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, sizes, eps, _stats_dtype = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.sizes, ctx.eps = list(sizes), eps
+    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+
+
+def _autograd_backward(ctx, gy, *_unused):
+    x, weight, save_mean, save_invstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gws, gbs = _ghost_batch_norm_backward(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
+    gw = gws.sum(0).to(weight.dtype) if need_w else None
+    gb = gbs.sum(0).to(weight.dtype) if need_b else None
+    return (gx if need_x else None), gw, gb, None, None, None
+
+
+ghost_batch_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 class _GhostBatchNormBase:
@@ -177,10 +216,10 @@ class _GhostBatchNormBase:
 
         update = self.training and self.track_running_stats and self.running_mean is not None
         stats_dtype = self.running_mean.dtype if update else None
-        out = _GhostBatchNormFunction.apply(x, self.weight, self.bias, sizes, self.eps, stats_dtype)
+        y, _, _, chunk_mean, chunk_var = ghost_batch_norm(x, self.weight, self.bias, list(sizes), self.eps,
+                                                          stats_dtype)
         if not update:
-            return out
-        y, chunk_mean, chunk_var = out
+            return y
         with torch.no_grad():
             self._update_running_stats(chunk_mean, chunk_var, list(sizes), values_per_sample)
         return y
