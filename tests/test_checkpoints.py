@@ -529,6 +529,26 @@ def test_folders_transformers_converts_on_load_load_and_convert(tmp_path):
             torch.testing.assert_close(normswap.load(out).eval()(ids).logits, converted(ids).logits, rtol=0, atol=0)
 
 
+def test_tensors_a_converter_produced_are_not_renamed_twice(tmp_path):
+    """Mistral Large 4 saves its experts as ``...layers.1.experts.0.w1.weight``; a scoped renaming
+    (``.experts.`` -> ``.mlp.experts.``) applies to the fused ``...mlp.experts.gate_up_proj`` the converter
+    makes too: a name the model already holds is taken as it is."""
+    transformers = pytest.importorskip("transformers")
+    import hf_sweep
+
+    if "mistral_large4" not in hf_sweep.model_types():
+        pytest.skip(f"transformers {transformers.__version__} has no mistral_large4")
+    original, _, _ = hf_sweep.build("mistral_large4")
+    original.save_pretrained(tmp_path / "m")
+    for folder, model in ((tmp_path / "m", original), (tmp_path / "m-rms", normswap.convert(original, "rms"))):
+        if model is not original:
+            model.save_pretrained(folder)
+        loaded = normswap.load(folder)
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_affine_free_batch_norm_and_shared_wn_modules_load_across_the_conversion():
     """A converted checkpoint of BatchNorm(affine=False) loads back into the original (running statistics
     set to 0/1, as the README says for every BatchNorm); an original checkpoint loads into `wn` on a module

@@ -88,7 +88,11 @@ def _hf_renamed(model: nn.Module, tensors: dict[str, TensorInfo]) -> dict[str, s
     if not renamings:
         return names
     out = {}
+    held = set(model.state_dict())
     for k in tensors:
+        if k in held:  # already the name the model uses (a tensor a converter produced): renaming it again
+            out[k] = k  # could rename a renamed part twice (".experts." -> ".mlp.experts.")
+            continue
         new, converter = rename_source_key(k, renamings, converters)
         out[new if converter is None else k] = k
     return out
