@@ -172,21 +172,24 @@ def _capture(model: nn.Module, paths: list[str], inputs: dict, run) -> dict[str,
     return seen
 
 
-def _cancellation(x: torch.Tensor) -> float:
-    """How many times larger than its spread a row of ``x`` gets (over the last dim, and over dim 1): a norm
-    of such a row loses that factor of precision in any float implementation."""
+def _cancellation(x: torch.Tensor, groups: int | None = None) -> float:
+    """How many times larger than its spread a set of values ``x`` is normalized over gets (rows over the last
+    dim and over dim 1, and each group of a GroupNorm): a norm of such a set loses that factor of precision in
+    any float implementation."""
+    flats = [x.double().movedim(dim, -1).reshape(-1, x.shape[dim]) for dim in {x.dim() - 1, min(1, x.dim() - 1)}]
+    if groups and x.dim() >= 2 and x.shape[1] % groups == 0:
+        flats.append(x.double().reshape(x.shape[0] * groups, -1))
     out = 1.0
-    for dim in {x.dim() - 1, min(1, x.dim() - 1)}:
-        flat = x.double().movedim(dim, -1).reshape(-1, x.shape[dim])
+    for flat in flats:
         if flat.shape[1] > 1:
             spread = flat.std(1, correction=0).clamp_min(1e-30)
             out = max(out, float((flat.abs().amax(1) / spread).max()))
     return out
 
 
-def _norm_tolerance(x: torch.Tensor, dtype: torch.dtype) -> float:
+def _norm_tolerance(x: torch.Tensor, dtype: torch.dtype, groups: int | None = None) -> float:
     """64 ulp of ``dtype`` relative to the output's scale, times the input's cancellation."""
-    return 64 * torch.finfo(dtype).eps * min(_cancellation(x), 1e4)
+    return 64 * torch.finfo(dtype).eps * min(_cancellation(x, groups), 1e4)
 
 
 def _conv_bound(module: nn.Module, x: torch.Tensor, raw: torch.Tensor, weight: torch.Tensor,
@@ -233,7 +236,8 @@ def formula_errors(model: nn.Module, plan: normswap.Plan, inputs: dict, run) -> 
         scale = float(ref.abs().max()) or 1.0
         # an absolute floor of 64 subnormal steps: activations of a random network can vanish into denormals
         floor = 64 * torch.finfo(out.dtype).tiny * torch.finfo(out.dtype).eps
-        err, tol = float(diff.max()) / scale, _norm_tolerance(x, out.dtype) + floor / scale
+        err = float(diff.max()) / scale
+        tol = _norm_tolerance(x, out.dtype, getattr(module, "num_groups", None)) + floor / scale
         if not err <= tol:
             bad.append(f"{path} ({type(module).__name__}): {err:.3g} off its formula (tol {tol:.2g})")
     return bad
