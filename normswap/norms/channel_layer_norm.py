@@ -126,6 +126,5 @@ class ChannelLayerNorm(nn.LayerNorm):
                                                                           else x.dtype)
         if mixed and not triton_channels.usable(x):
             # half inputs, or parameters of another dtype (autocast): torch's layer norm does the casting
-            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-            return y.movedim(-1, 1)
+            return channels_first("layer", x, self.weight, self.bias, self.eps)
         return channel_layer_norm(x, self.weight, self.bias, self.eps)[0]

@@ -178,17 +178,16 @@ def row_backward(impl: RowImpl, gy: Tensor, x: Tensor, stats: Tensor, weight: Te
     tensors), each in its input's dtype."""
     if impl.triton_kind is not None and triton_rows.usable(x):
         gx, gw, gb = triton_rows.backward(gy, x, stats, weight, impl.triton_kind == "bert", need)
-        gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
-        return gx, gw, None if bias is None else _restore(gb, bias.dtype, bias.shape)
-    cdt = stats.dtype
-    with _no_autocast(gy.device.type):
-        g = _as_rows(gy, x.shape[1], cdt)
-        xc = x if x.dtype == cdt else x.to(cdt)
-        if native.usable(xc):
-            gx, gw, gb = impl.native_backward(g, xc, stats, weight, need)
-        else:
-            parts = tuple(p.contiguous() for p in stats.split(1, dim=1)) if stats.shape[1] > 1 else (stats,)
-            gx, gw, gb = impl.torch_backward(g, xc, weight, parts, eps, need)
+    else:
+        cdt = stats.dtype
+        with _no_autocast(gy.device.type):
+            g = _as_rows(gy, x.shape[1], cdt)
+            xc = x if x.dtype == cdt else x.to(cdt)
+            if native.usable(xc):
+                gx, gw, gb = impl.native_backward(g, xc, stats, weight, need)
+            else:
+                parts = tuple(p.contiguous() for p in stats.split(1, dim=1)) if stats.shape[1] > 1 else (stats,)
+                gx, gw, gb = impl.torch_backward(g, xc, weight, parts, eps, need)
     gx = _restore(gx, x.dtype, x.shape)
     gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
     gb = None if bias is None else _restore(gb, bias.dtype, bias.shape)

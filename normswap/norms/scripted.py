@@ -91,26 +91,6 @@ def rows(kind: str, x: Tensor, ndims: int, weight: Optional[Tensor], bias: Optio
     return layer_norm_ops(x, ndims, weight, bias, eps)
 
 
-def standardize_weight_ops(weight: Tensor, eps: float, mode: str) -> Tensor:
-    """Weight Standardization per output channel (``mode`` ``"inside"``: biased variance, eps inside the
-    root; ``"outside"``: unbiased std, eps added to it), as :func:`normswap.norms.std_conv.standardize_weight`.
-
-    Example:
-        >>> w = standardize_weight_ops(torch.randn(4, 2, 3, 3), 1e-6, "inside")
-        >>> bool(torch.allclose(w.flatten(1).mean(1), torch.zeros(4), atol=1e-5))
-        True
-    """
-    h = _compute(weight)
-    flat = h.reshape(h.shape[0], -1)
-    if mode == "inside":
-        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
-        out = (flat - mean) * torch.rsqrt(var + eps)
-    else:
-        std, mean = torch.std_mean(flat, dim=1, correction=1, keepdim=True)
-        out = (flat - mean) / (std + eps)
-    return out.reshape(weight.shape).to(weight.dtype)
-
-
 def chunk_sizes(batch: int, values_per_sample: int, virtual_batch_size: int) -> List[int]:
     """Sizes of the virtual batches along dim 0 (Ghost BatchNorm, Hoffer et al. 2017).
 

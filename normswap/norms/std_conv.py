@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scripted import pad_same_ops, standardize_weight_ops
+from .scripted import pad_same_ops
 
 WS_EPS_MODES = ("inside", "outside")
 
@@ -34,7 +34,8 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6, mode: str = "ins
         >>> bool(torch.allclose(w.flatten(1).mean(1), torch.zeros(8), atol=1e-5))
         True
     """
-    compute = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    half = weight.dtype == torch.float16 or weight.dtype == torch.bfloat16  # (a form TorchScript compiles too)
+    compute = weight.float() if half else weight
     flat = compute.reshape(compute.shape[0], -1)
     if mode == "inside":
         # batch_norm over a [1, out, fan_in] view: the same math in one fused kernel, forward and backward
@@ -43,7 +44,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6, mode: str = "ins
         std, mean = torch.std_mean(flat, dim=1, correction=1, keepdim=True)
         out = (flat - mean) / (std + eps)
     else:
-        raise ValueError(f"ws eps mode {mode!r} is not one of {WS_EPS_MODES}")
+        raise ValueError(f"ws eps mode '{mode}' is not one of ('inside', 'outside')")  # TorchScript: no globals
     return out.reshape(weight.shape).to(weight.dtype)
 
 
@@ -53,7 +54,7 @@ class StandardizedConv:
 
     def standardized_weight(self) -> torch.Tensor:
         if torch.jit.is_scripting():  # a static branch: TorchScript compiles only this side (no cache)
-            return standardize_weight_ops(self.weight, self.ws_eps, self.ws_eps_mode)
+            return standardize_weight(self.weight, self.ws_eps, self.ws_eps_mode)
         return self._cached_standardized_weight()
 
     def _cached_standardized_weight(self) -> torch.Tensor:
@@ -164,7 +165,7 @@ def standardize_conv(conv: nn.Module, eps: float = 1e-6, mode: str = "inside") -
     if reason is not None:
         raise ValueError(f"cannot standardize {type(conv).__name__}: {reason}")
     if mode not in WS_EPS_MODES:
-        raise ValueError(f"ws eps mode {mode!r} is not one of {WS_EPS_MODES}")
+        raise ValueError(f"ws eps mode '{mode}' is not one of {WS_EPS_MODES}")
     conv.__class__ = _std_class(type(conv))
     conv.ws_eps = float(eps)
     conv.ws_eps_mode = mode
