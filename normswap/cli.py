@@ -30,6 +30,7 @@ EPILOG_CONVERT = (
     "  normswap convert finetuned.pth --model timm:resnet50 --model-arg num_classes=10 --spec gn --set groups=16 \\\n"
     "      --out r50_gn.safetensors\n"
     "  normswap convert ./bert-base/ --spec rms --out ./bert-base-rms/      # an HF folder in, an HF folder out\n"
+    "  normswap convert ./gpt2/ --spec rms --exact --out ./gpt2-rms/        # pre-LN: identical outputs\n"
     "\nexit codes: 0 ok, 1 failure (unreadable or wrong checkpoint), 2 bad usage, 130 interrupted")
 EPILOG_INSPECT = ("examples:\n  normswap inspect timm:convnext_tiny\n  normswap inspect resnet50_gn_ws.safetensors\n"
                   "  normswap inspect model.pth --model timm:resnet50\n  normswap inspect ./bert-base/")
@@ -89,6 +90,8 @@ def _spec_options(args: argparse.Namespace) -> dict:
         options["include"] = args.include
     if args.exclude:
         options["exclude"] = args.exclude
+    if args.exact:
+        options["exact"] = True
     return options
 
 
@@ -97,7 +100,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .named_models import build_model
 
     options = _spec_options(args)
-    print(plan(build_model(args.model, device="meta", **_parse_sets(args.model_arg or [])), args.spec, **options))
+    # exact=True runs the model once to find its residual stream: that needs real weights, not a skeleton
+    device = None if args.exact else "meta"
+    print(plan(build_model(args.model, device=device, **_parse_sets(args.model_arg or [])), args.spec, **options))
     return 0
 
 
@@ -157,6 +162,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec option, repeatable")
     p.add_argument("--include", action="append", metavar="GLOB", help="module-path glob to convert")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="module-path glob to leave alone")
+    p.add_argument("--exact", action="store_true",
+                   help="rms only: center the residual stream's writers so that every LayerNorm -> RMSNorm keeps "
+                        "the outputs exactly (pre-LN transformers; post-LN models are refused)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="a timm.create_model argument, repeatable (e.g. num_classes=10)")
 

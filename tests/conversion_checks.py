@@ -118,7 +118,7 @@ def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     has no reference for (then the check fails: every type a spec makes has one)."""
     from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
     from normswap.norms.channel_layer_norm import ChannelLayerNorm
-    from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
+    from normswap.norms.rms_norm import CenteredRMSNorm, RMSNorm, RMSNorm2d
     from normswap.norms.std_conv import StandardizedConv
     from normswap.norms.unsized import UnsizedNorm
 
@@ -141,6 +141,10 @@ def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         y = _bert(x, module.normalized_shape, w, b, eps)
     elif isinstance(module, RMSNorm2d):
         y = _channels_first(_rms, x, w, b, eps)
+    elif isinstance(module, CenteredRMSNorm):  # heads a residual stream (exact=True): its output is centered
+        y = _rms(x, module.normalized_shape, w, b, eps)
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        y = y - y.mean(dims, keepdim=True)
     elif isinstance(module, RMSNorm):
         y = _rms(x, module.normalized_shape, w, b, eps)
     elif isinstance(module, nn.LayerNorm):

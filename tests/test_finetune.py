@@ -387,9 +387,9 @@ def test_the_plot_leaves_the_process_matplotlib_backend_alone(tmp_path):
 
 
 def test_validate_leaves_the_callers_output_field_alone():
-    from normswap.validation import checks
+    from normswap import inputs
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     normswap.validate(model, normswap.convert(model, "gn", groups=2), torch.randn(2, 3, 6, 6), checks=["finite"],
                       output="logits")
-    assert checks.OUTPUT_FIELD.get() is None
+    assert inputs.OUTPUT_FIELD.get() is None

@@ -10,6 +10,7 @@ from torch import nn
 import normswap
 from normswap import cli
 from normswap.validation import checks as C
+from normswap.inputs import output_tensor, split_inputs
 from normswap.validation import example_inputs, validate
 from cli_helpers import console
 
@@ -188,7 +189,7 @@ def test_device_path_runs_on_cpu_and_cuda_is_refused_without_it():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     converted = _convert(model, "gn_ws", groups=2)
     report = normswap.ValidationReport("m", "gn_ws", "cpu")
-    inputs = C.split_inputs(torch.randn(2, 3, 8, 8))
+    inputs = split_inputs(torch.randn(2, 3, 8, 8))
     C.check_devices(report, converted, inputs, torch.device("cpu"), torch.device("cpu"), torch.float32)
     assert report.rows[0].check == "cpu vs cpu" and report.rows[0].status == "pass"
     if not torch.cuda.is_available():
@@ -226,9 +227,9 @@ def test_a_batch_norm_planted_after_gn_ws_fails_batch_independence():
 
 def test_the_output_tensor_is_found_inside_nested_outputs():
     maps = (torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2))
-    assert C.output_tensor({"feature_maps": maps}) is maps[0]
+    assert output_tensor({"feature_maps": maps}) is maps[0]
     with pytest.raises(normswap.OptionError, match="holds no tensor"):
-        C.output_tensor({"feature_maps": ()})
+        output_tensor({"feature_maps": ()})
 
 
 def test_a_registered_check_runs_and_can_be_picked(broken_specs):

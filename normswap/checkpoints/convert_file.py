@@ -50,6 +50,35 @@ class ConvertedCheckpoint:
         return "\n".join(lines + [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.plan.warnings])
 
 
+def _convert_skeleton(skel, spec: str, options: dict[str, Any], folder: bool, ckpt, src: pathlib.Path,
+                      notes: list[str]):
+    """Convert the meta-device skeleton; ``(keymap, plan, converted)`` when the output can be streamed from
+    the input's tensors, ``keymap=None`` when the model must be materialized (notes say why)."""
+    from ..core.convert import convert
+    from ..core.state import last_plan
+
+    before = {k: id(v) for k, v in skel.state_dict(keep_vars=True).items()}
+    try:
+        converted = convert(skel, spec, inplace=True, **options)
+        plan = last_plan(converted)
+        # a tensor under an unchanged key but no longer the same object was made anew: its value may be
+        # derived (Gemma's 1 + weight folded into a LayerNorm weight), so only a real conversion is safe
+        derived = [k for k, v in converted.state_dict(keep_vars=True).items() if k in before and id(v) != before[k]]
+        if derived:
+            notes.append(f"spec {spec!r} makes {len(derived)} tensor(s) anew from their old values (e.g. "
+                         f"{derived[0]}): the model was converted in memory")
+        elif not folder:
+            return map_keys(converted, ckpt.tensors, where=str(src)), plan, converted
+    except NormSwapError as exc:
+        if not isinstance(exc, CheckpointError):
+            raise
+        # CheckpointError: the spec made tensors no input holds -> materialize
+    except Exception as exc:  # a builder that needs real values: materialize
+        notes.append(f"spec {spec!r} does not convert a meta-device skeleton ({type(exc).__name__}: {exc}); "
+                     "the model was converted in memory instead")
+    return None, None, None
+
+
 def is_folder_output(out: pathlib.Path) -> bool:
     """Whether ``out`` names an HF folder (no ``.safetensors`` suffix) rather than a file."""
     return out.suffix.lower() != ".safetensors"
@@ -88,26 +117,12 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         ckpt = in_model_layout(skel, opened)  # tensors transformers would convert on load, converted
         base_map = map_keys(skel, ckpt.tensors, where=str(src))  # the checkpoint fits its model
         notes += base_map.notes
-        keymap = None
-        before = {k: id(v) for k, v in skel.state_dict(keep_vars=True).items()}
-        try:
-            converted = convert(skel, spec, inplace=True, **options)
-            plan = last_plan(converted)
-            # a tensor under an unchanged key but no longer the same object was made anew: its value may be
-            # derived (Gemma's 1 + weight folded into a LayerNorm weight), so only a real conversion is safe
-            derived = [k for k, v in converted.state_dict(keep_vars=True).items() if k in before and id(v) != before[k]]
-            if derived:
-                notes.append(f"spec {spec!r} makes {len(derived)} tensor(s) anew from their old values (e.g. "
-                             f"{derived[0]}): the model was converted in memory")
-            elif not folder:
-                keymap = map_keys(converted, ckpt.tensors, where=str(src))
-        except NormSwapError as exc:
-            if not isinstance(exc, CheckpointError):
-                raise
-            # CheckpointError: the spec made tensors no input holds -> materialize below
-        except Exception as exc:  # a builder that needs real values: materialize below
-            notes.append(f"spec {spec!r} does not convert a meta-device skeleton ({type(exc).__name__}: {exc}); "
-                         "the model was converted in memory instead")
+        keymap, plan, converted = None, None, None
+        if options.get("exact") is True:  # the residual stream is found by running the model: materialize
+            notes.append("exact=True runs the model once to find its residual stream: the model was converted "
+                         "in memory")
+        else:
+            keymap, plan, converted = _convert_skeleton(skel, spec, options, folder, ckpt, src, notes)
         total = keymap.nbytes if keymap is not None else ckpt.nbytes
         with Progress(f"converting {src.name}", total, enabled=progress) as bar:
             if keymap is not None:

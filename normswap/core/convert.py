@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from ..adapters import NormInfo, norm_family, read_norm
-from ..errors import ConversionError, NormSwapError
+from ..errors import ConversionError, NormSwapError, OptionError
 from ..graph import FUNCTIONAL_FAMILY, FunctionalCall, find_relations
 from ..norms.std_conv import standardize_conv, ws_skip_reason
 from ..specs import Spec, get_spec
 from ..specs.weight_norm import share_weight_parametrization
+from .exact import (CENTERED, apply_exact, apply_verified, centered_head, check_exact_options, plan_exact,
+                    recorded_structure)
 from .plan import Change, Plan
 from .selection import globs, selected, unmatched, weight_layers
 from .state import remember
@@ -65,11 +67,27 @@ class _Norm:
         return self.info.kind if self.info is not None else norm_family(self.module)
 
 
-def _split_options(options: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
+@dataclass
+class _Pipeline:
+    """The options that belong to the pipeline rather than to the spec."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    exact: bool | dict = False  # True, or the structure a checkpoint recorded (replayed without a forward)
+    inputs: Any = None
+
+
+def _split_options(options: dict[str, Any]) -> tuple[_Pipeline, dict[str, Any]]:
     rest = dict(options)
-    include = globs("include", rest.pop("include", None))
-    exclude = globs("exclude", rest.pop("exclude", None))
-    return include, exclude, rest
+    exact = rest.pop("exact", False)
+    if not isinstance(exact, bool):
+        exact = recorded_structure(exact)
+    inputs = rest.pop("example_inputs", None)
+    if inputs is not None and not exact:
+        raise OptionError("example_inputs= is read only with exact=True")
+    pipe = _Pipeline(globs("include", rest.pop("include", None)), globs("exclude", rest.pop("exclude", None)),
+                     exact, inputs)
+    return pipe, rest
 
 
 def _collect_norms(model: nn.Module) -> list[_Norm]:
@@ -101,8 +119,15 @@ def _describe(spec: Spec, item: _Norm, options: dict[str, Any]) -> tuple[str, li
     return name, info.notes
 
 
-def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], include: tuple[str, ...],
-             exclude: tuple[str, ...]) -> Plan:
+def _analyze(model: nn.Module, spec: Spec, options: dict[str, Any], pipe: _Pipeline) -> Plan:
+    plan = _analyze_norms(model, spec, options, pipe.include, pipe.exclude)
+    if pipe.exact:
+        plan_exact(model, plan, pipe.inputs, pipe.exact)
+    return plan
+
+
+def _analyze_norms(model: nn.Module, spec: Spec, options: dict[str, Any], include: tuple[str, ...],
+                   exclude: tuple[str, ...]) -> Plan:
     norms = _collect_norms(model)
     convs = {p: m for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.modules.conv._ConvNd)}
     rel = find_relations(model, {p: n.module for n in norms for p in n.paths}, convs)
@@ -253,12 +278,33 @@ def _carried_names(info: NormInfo) -> tuple[str, ...]:
     return tuple(n for n in ("weight", "bias") if getattr(info, n) is not None)
 
 
-def _prepare(model: nn.Module, spec: str | Spec, options: dict[str, Any]):
+def check_options(spec: str | Spec, options: dict[str, Any]) -> None:
+    """Check ``options`` for :func:`convert` with ``spec`` without a model (a recipe's ``convert:`` section):
+    the spec's own, ``include``/``exclude``, ``exact``.
+
+    Example:
+        >>> check_options("rms", {"exact": True, "exclude": ["head*"]})
+        >>> check_options("gn", {"exact": True})
+        Traceback (most recent call last):
+        ...
+        normswap.errors.OptionError: exact=True is for LayerNorm -> RMSNorm (spec 'rms'); spec 'gn' does not support it
+    """
+    _resolve(spec, options)
+
+
+def _resolve(spec: str | Spec, options: dict[str, Any]) -> tuple[Spec, _Pipeline, dict[str, Any]]:
+    spec_obj = get_spec(spec)
+    pipe, rest = _split_options(options)
+    resolved = spec_obj.resolve(rest)
+    if pipe.exact:
+        check_exact_options(spec_obj.name, spec_obj.exact, resolved, rest)
+    return spec_obj, pipe, resolved
+
+
+def _prepare(model: nn.Module, spec: str | Spec, options: dict[str, Any]) -> tuple[Spec, _Pipeline, dict[str, Any]]:
     if not isinstance(model, nn.Module):
         raise NormSwapError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec_obj = get_spec(spec)
-    include, exclude, rest = _split_options(options)
-    return spec_obj, include, exclude, spec_obj.resolve(rest)
+    return _resolve(spec, options)
 
 
 def plan(model: nn.Module, spec: str | Spec, **options: Any) -> Plan:
@@ -270,8 +316,8 @@ def plan(model: nn.Module, spec: str | Spec, **options: Any) -> Plan:
         >>> [(c.path, c.new_type, c.convs_standardized) for c in p.changes]
         [('1', 'GroupNorm', ('0',))]
     """
-    spec_obj, include, exclude, opts = _prepare(model, spec, options)
-    return _analyze(model, spec_obj, opts, include, exclude)
+    spec_obj, pipe, opts = _prepare(model, spec, options)
+    return _analyze(model, spec_obj, opts, pipe)
 
 
 def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **options: Any) -> nn.Module:
@@ -287,8 +333,8 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
         >>> type(converted[0]).__name__, converted[1].num_groups
         ('StdConv2d', 16)
     """
-    spec_obj, include, exclude, opts = _prepare(model, spec, options)
-    plan_ = _analyze(model, spec_obj, opts, include, exclude)
+    spec_obj, pipe, opts = _prepare(model, spec, options)
+    plan_ = _analyze(model, spec_obj, opts, pipe)
     target = model if inplace else copy.deepcopy(model)
     if len(plan_) == 0:
         warnings.warn(f"normswap: nothing to convert with spec {spec_obj.name!r} in {type(model).__name__}: "
@@ -296,7 +342,10 @@ def convert(model: nn.Module, spec: str | Spec, *, inplace: bool = False, **opti
                       NothingToConvertWarning, stacklevel=2)
         remember(target, plan_, applied=False)
         return target
-    _apply(plan_, target, spec_obj, opts)
+    if pipe.exact is True:
+        apply_verified(plan_, target, pipe.inputs, lambda: _apply(plan_, target, spec_obj, opts), keep_original=inplace)
+    else:
+        _apply(plan_, target, spec_obj, opts)
     remember(target, plan_, applied=True)
     for hook in _AFTER_CONVERT:
         hook(target)
@@ -313,6 +362,7 @@ def _nothing_reason(spec: Spec, plan_: Plan) -> str:
 
 def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) -> None:
     ws = spec.ws_config(options)
+    apply_exact(plan_, target)
     for change in plan_.changes:
         if change.action == "replace":
             source = target.get_submodule(change.path)
@@ -320,6 +370,8 @@ def _apply(plan_: Plan, target: nn.Module, spec: Spec, options: dict[str, Any]) 
             if info is None:
                 raise ConversionError(f"{change.path}: {reason}")
             new = spec.builder(info, **options)
+            if change.new_type == CENTERED:
+                new = centered_head(new)
             carried, notes = finish_replacement(new, info, source)
             # the plan returned by last_plan() says what was actually carried, not what was expected
             change.carried = tuple(carried)

@@ -11,8 +11,10 @@ class Change:
 
     ``action`` is ``replace`` (a norm gets a new module), ``standardize`` (a conv gets Weight
     Standardization on its own), ``rewrite`` (a functional norm call inside ``path``'s forward),
-    ``reparametrize`` (a weight spec such as ``wn`` changes a conv / linear in place), or ``skip`` (left
-    as it is, with ``reason``).
+    ``reparametrize`` (a weight spec such as ``wn`` changes a conv / linear in place), ``center`` (the
+    parameter at ``path`` has its mean over ``dim`` subtracted: ``exact=True``), ``untie`` (the module at
+    ``path`` gets its own copy of a weight it shared with a centered one), or ``skip`` (left as it is, with
+    ``reason``).
     """
 
     path: str
@@ -26,6 +28,8 @@ class Change:
     also_at: tuple[str, ...] = ()
     shares: str = ""  # reparametrize: the layer whose parametrization this one shares (their weights are tied)
     folded: tuple[str, ...] = ()  # parameters whose value the conversion changed (Gemma's 1 + weight folded)
+    dim: int | None = None  # center: the dim of the parameter whose mean is subtracted
+    scale: str = ""  # center: the per-feature scale (LayerScale) its output is multiplied by: a weighted mean
 
 
 @dataclass
@@ -56,9 +60,11 @@ class Plan:
     def summary(self) -> str:
         n_rewrite = len([c for c in self.changes if c.action == "rewrite"])
         n_reparam = len([c for c in self.changes if c.action == "reparametrize"])
+        n_center = len([c for c in self.changes if c.action == "center"])
         weights = f"{n_reparam} weights reparametrized, " if n_reparam else ""
+        centered = f"{n_center} residual-stream parameters centered, " if n_center else ""
         return (f"spec {self.spec}: {len(self.replaced)} norms replaced, {len(self.standardized_convs)} convs "
-                f"standardized, {n_rewrite} functional calls rewritten, {weights}{len(self.skipped)} skipped")
+                f"standardized, {n_rewrite} functional calls rewritten, {weights}{centered}{len(self.skipped)} skipped")
 
     def __str__(self) -> str:
         header = ("path", "action", "old type", "new type", "carried", "convs standardized", "notes")

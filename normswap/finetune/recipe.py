@@ -234,7 +234,7 @@ def _check_regularizers(full: dict[str, Any]) -> list[str]:
 
 
 def _check_convert(full: dict[str, Any]) -> list[str]:
-    from ..specs import get_spec
+    from ..core.convert import check_options
 
     conv = full["convert"]
     if conv is None:
@@ -246,7 +246,7 @@ def _check_convert(full: dict[str, Any]) -> list[str]:
     if not isinstance(options, dict):
         return problems + [f"convert.options: expected a mapping, got {type(options).__name__}"]
     try:
-        get_spec(spec).resolve({k: v for k, v in options.items() if k not in ("include", "exclude")})
+        check_options(spec, options)
     except NormSwapError as exc:
         problems.append(f"convert: {exc}")
     return problems

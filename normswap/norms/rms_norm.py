@@ -31,7 +31,7 @@ from normswap.norms.row_norm import (
     ChannelsFirstRowNorm, RowImpl, RowNorm, apply_row_norm, define_row_op, flat_param, layer_norm_backward,
 )
 
-__all__ = ["RMSNorm", "RMSNorm2d", "rms_norm"]
+__all__ = ["CenteredRMSNorm", "RMSNorm", "RMSNorm2d", "rms_norm"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,6 +125,26 @@ class RMSNorm(RowNorm):
 
     def _ops(self, x: Tensor, ndims: int) -> Tensor:
         return rms_norm_ops(x, ndims, self.weight, self.bias, self.eps)
+
+
+class CenteredRMSNorm(RMSNorm):
+    """RMSNorm whose output rows are shifted to zero mean: ``y - mean(y)`` over the normalized dims.
+
+    What ``convert(model, "rms", exact=True)`` makes of a LayerNorm that *heads* a residual stream (CLIP's
+    ``pre_layrnorm``, BLOOM's ``word_embeddings_layernorm``): its input is centered, so the RMSNorm computes
+    what the LayerNorm did, and its output is centered so that the stream it starts stays zero-mean.
+    Same parameters and keys as :class:`RMSNorm`.
+
+    Example:
+        >>> y = CenteredRMSNorm(8)(torch.randn(3, 8))
+        >>> bool(y.mean(-1).abs().max() < 1e-6)
+        True
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._normalize(x)
+        dims = list(range(-len(self.normalized_shape), 0))
+        return y - y.mean(dims, keepdim=True)
 
 
 class RMSNorm2d(ChannelsFirstRowNorm, RMSNorm):

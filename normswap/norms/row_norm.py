@@ -359,6 +359,9 @@ class RowNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # a static branch: TorchScript compiles only this side
             return self._ops(x, len(self.normalized_shape))
         _check_input(x, self.normalized_shape, type(self).__name__)

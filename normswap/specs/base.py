@@ -59,6 +59,7 @@ class Spec:
     functional: dict[str, Callable[..., Any]] = field(default_factory=dict)
     options: dict[str, Option] = field(default_factory=dict)
     weights: WeightTransform | None = None
+    exact: bool = False  # LayerNorm -> RMSNorm: convert(..., exact=True) centers the residual stream
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in (raises :class:`~normswap.errors.OptionError`)."""
@@ -93,6 +94,7 @@ def register_spec(
     weight_standardization: Callable[[dict[str, Any]], WSConfig | None] | None = None,
     functional: dict[str, Callable[..., Any]] | None = None,
     weights: WeightTransform | None = None,
+    exact: bool = False,
     replace: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register a conversion under ``name``; the decorated function builds one replacement.
@@ -101,7 +103,8 @@ def register_spec(
     and its keyword-only parameters are the spec's options (typed, validated, shown by ``normswap list``).
     ``sources`` are the norm kinds it takes (``batch``, ``layer``, ``rms``, ``group``, ``instance``).
     A weight spec passes ``sources=()`` and ``weights=WeightTransform(...)``; its function is called as
-    ``fn(layer, **options)`` on each selected conv / linear and changes it in place.
+    ``fn(layer, **options)`` on each selected conv / linear and changes it in place. ``exact=True`` marks a
+    LayerNorm -> RMSNorm spec that ``convert(..., exact=True)`` may use (it centers the residual stream).
 
     Example:
         >>> import torch
@@ -125,7 +128,7 @@ def register_spec(
         _SPECS[key] = Spec(
             name=key, builder=builder, sources=tuple(sources), description=description, preserves=preserves,
             changed_keys=changed_keys, accepts=accepts, weight_standardization=weight_standardization,
-            functional=dict(functional or {}), options=options_of(builder), weights=weights,
+            functional=dict(functional or {}), options=options_of(builder), weights=weights, exact=exact,
         )
         return builder
 

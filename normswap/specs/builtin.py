@@ -161,7 +161,7 @@ def _rms_functional(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, sp
 
 
 @register_spec(
-    "rms", sources=("layer",), functional={"layer_norm": _rms_functional},
+    "rms", sources=("layer",), functional={"layer_norm": _rms_functional}, exact=True,
     changed_keys="none with bias=True (the default keeps the LayerNorm's bias); with bias=False 'bias' is removed",
     description="LayerNorm -> RMSNorm, eps carried over (Zhang & Sennrich 2019)",
 )

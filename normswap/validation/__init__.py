@@ -12,7 +12,8 @@ Example:
 from . import checks as _checks  # noqa: F401  (registers the built-in checks)
 from .registry import Context, check, registered, unregister
 from .report import CheckRow, ValidationReport
-from .run import example_inputs, validate
+from ..inputs import example_inputs
+from .run import validate
 
 __all__ = ["CheckRow", "Context", "ValidationReport", "check", "example_inputs", "registered", "unregister",
            "validate"]

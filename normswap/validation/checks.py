@@ -8,9 +8,7 @@ the conversion.
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,81 +19,10 @@ from ..adapters import NormInfo, read_norm
 from ..errors import OptionError
 from ..specs import get_spec
 from ..core.state import conversions_of, last_plan
+from ..inputs import Inputs, map_inputs, output_tensor, tolerance
+from ..inputs import noise_floor as _noise_floor, rel_diff as _rel_diff, run as _run
 from .registry import Context, check, registered
 from .report import ValidationReport
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance for outputs computed in ``dtype``: 64 units in the last place, at least 1e-5."""
-    return max(1e-5, 64 * torch.finfo(dtype).eps)
-
-
-def split_inputs(example_inputs: Any) -> Inputs:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise OptionError("example_inputs must be a tensor, a tuple of tensors, or a dict of keyword tensors, "
-                      f"got {type(example_inputs).__name__}")
-
-
-def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
-    args, kwargs = inputs
-    f = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
-
-
-OUTPUT_FIELD: contextvars.ContextVar[str | None] = contextvars.ContextVar("normswap_output_field", default=None)
-
-
-def output_tensor(out: Any, field: str | None = None) -> torch.Tensor:
-    """The main tensor of a model output: itself, the named ``field``, ``logits``, ``last_hidden_state``
-    or the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if field is not None:
-        value = out.get(field) if isinstance(out, dict) else getattr(out, field, None)
-        if not isinstance(value, torch.Tensor):
-            raise OptionError(f"the model's output ({type(out).__name__}) has no tensor {field!r}")
-        return value
-    for name in ("logits", "last_hidden_state", "pooler_output"):
-        value = getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    found = _first_tensor(out)
-    if found is None:
-        raise OptionError(f"the model's output ({type(out).__name__}) holds no tensor to check")
-    return found
-
-
-def _first_tensor(out: Any, depth: int = 0) -> torch.Tensor | None:
-    """The first tensor in ``out``, looking into dicts, tuples and lists (a backbone's ``feature_maps``)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        found = _first_tensor(v, depth + 1) if depth < 4 else None
-        if found is not None:
-            return found
-    return None
-
-
-def _run(model: nn.Module, inputs: Inputs) -> torch.Tensor:
-    args, kwargs = inputs
-    return output_tensor(model(*args, **kwargs), OUTPUT_FIELD.get())
-
-
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float().cpu(), b.detach().float().cpu()
-    if a.shape != b.shape:
-        return math.inf
-    scale = max(float(b.abs().max()), 1e-12) if b.numel() else 1.0
-    return float((a - b).abs().max()) / scale if a.numel() else 0.0
-
 
 def _module_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The model's output and, in execution order, each submodule's first tensor output."""
@@ -152,7 +79,8 @@ def _preserves(converted: nn.Module) -> str:
     history = conversions_of(converted)
     if not history:
         return "no"
-    modes = [get_spec(h["spec"]).preserves.split()[0].lower() for h in history]
+    modes = ["yes" if h.get("options", {}).get("exact") else get_spec(h["spec"]).preserves.split()[0].lower()
+             for h in history]
     if all(m == "yes" for m in modes):
         return "yes"
     return "eval" if all(m in ("yes", "eval") for m in modes) else "no"
@@ -261,20 +189,6 @@ def check_gradients(report: ValidationReport, original: nn.Module, converted: nn
     else:
         note = f" ({len(without)} get none in the original either)" if without else ""
         report.add("gradients", "pass", f"all {total} trainable parameters receive a gradient{note}")
-
-
-def _noise_floor(model: nn.Module, inputs: Inputs, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """How far the output moves when every weight moves by a few units in the last place of ``dtype``:
-    the conditioning of this model on these inputs (train-mode BatchNorm over two values amplifies a lot)."""
-    noisy = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            if p.is_floating_point():
-                noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
-                p.mul_(1 + 4 * torch.finfo(dtype).eps * noise)
-        out, error = _try(lambda: _run(noisy, inputs))
-    return 0.0 if error else _rel_diff(out, ref)
 
 
 def check_outputs(report: ValidationReport, original: nn.Module, converted: nn.Module, inputs: Inputs,

@@ -1,4 +1,4 @@
-"""The entry point that runs the checks of ``checks.py`` in order, and example inputs for a model."""
+"""The entry point that runs the checks of ``checks.py`` in order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..core.state import conversions_of
 from ..errors import OptionError, closest
-from .checks import OUTPUT_FIELD, map_inputs, split_inputs
+from ..inputs import OUTPUT_FIELD, map_inputs, split_inputs
 from .registry import Context, registered
 from .report import ValidationReport
 
@@ -68,30 +68,3 @@ def _on(model: nn.Module, device: torch.device) -> nn.Module:
     if param is None or param.device == device:
         return model
     return copy.deepcopy(model).to(device)
-
-
-def example_inputs(model: nn.Module, *, batch: int = 2, image_size: int | None = None, seq_len: int = 16,
-                   seed: int = 0) -> Any:
-    """Random inputs of the right kind for ``model``: token ids for an HF text model, pixels otherwise
-    (the size timm's ``pretrained_cfg`` or the HF config gives, unless ``image_size`` is set).
-
-    Example:
-        >>> example_inputs(nn.Conv2d(3, 4, 3), image_size=32).shape
-        torch.Size([2, 3, 32, 32])
-    """
-    g = torch.Generator().manual_seed(seed)
-    config = getattr(model, "config", None)
-    if getattr(model, "main_input_name", "") == "input_ids":
-        vocab = int(getattr(config, "vocab_size", 100))
-        ids = torch.randint(min(vocab, 1000), (batch, seq_len), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if image_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size") or (3, getattr(config, "image_size", 224), getattr(config, "image_size", 224))
-        chans, h, w = size
-        h = h if isinstance(h, int) else h[0]
-        w = w if isinstance(w, int) else w[-1]
-    else:
-        chans, h, w = 3, image_size, image_size
-    chans = getattr(config, "num_channels", chans)
-    return torch.randn(batch, chans, h, w, generator=g)
