@@ -6,6 +6,7 @@ Example:
 """
 
 from . import regularizers
+from .calibration import Agreement, CalibrationReport, calibrate
 from .adapters import NormInfo, register_adapter
 from .checkpoints import ConvertedCheckpoint, LoadReport, convert_checkpoint, load, load_state_dict, save
 from .core.convert import NothingToConvertWarning, convert, plan
@@ -21,7 +22,7 @@ from .specs.weight_norm import remove_weight_norm
 __version__ = "0.1.0"
 
 __all__ = [
-    "Change", "CheckpointError", "CheckpointNotFoundError", "ConversionError", "ConvertedCheckpoint",
+    "Agreement", "CalibrationReport", "calibrate", "Change", "CheckpointError", "CheckpointNotFoundError", "ConversionError", "ConvertedCheckpoint",
     "DestinationExistsError", "Inspection", "LoadReport", "NormInfo", "NormSwapError", "NothingToConvertWarning",
     "OptionError", "Plan", "RegistrationError", "Spec", "UnknownSpecError", "UnsafeCheckpointError",
     "WeightTransform", "conversions_of", "convert", "convert_checkpoint", "get_spec", "inspect", "last_plan", "list_specs", "load",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pathlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ EPILOG_CONVERT = (
     "      --out r50_gn.safetensors\n"
     "  normswap convert ./bert-base/ --spec rms --out ./bert-base-rms/      # an HF folder in, an HF folder out\n"
     "  normswap convert ./gpt2/ --spec rms --exact --out ./gpt2-rms/        # pre-LN: identical outputs\n"
+    "  normswap convert r50.safetensors --model timm:resnet50 --spec gn_ws --out r50_gn_ws.safetensors \\\n"
+    "      --calibrate ./train-images/ --calibrate-seconds 120           # calibrated on unlabeled images\n"
     "\nexit codes: 0 ok, 1 failure (unreadable or wrong checkpoint), 2 bad usage, 130 interrupted")
 EPILOG_INSPECT = ("examples:\n  normswap inspect timm:convnext_tiny\n  normswap inspect resnet50_gn_ws.safetensors\n"
                   "  normswap inspect model.pth --model timm:resnet50\n  normswap inspect ./bert-base/")
@@ -109,9 +112,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints import convert_checkpoint
 
+    calibration = None
+    if args.calibrate:
+        from .calibration import Calibration
+
+        tokenizer = args.tokenizer or (args.src if pathlib.Path(args.src).is_dir() else None)
+        calibration = Calibration(args.calibrate, seconds=args.calibrate_seconds, steps=args.calibrate_steps,
+                                  params=args.calibrate_params, batch_size=args.calibrate_batch_size,
+                                  tokenizer=tokenizer)
+    elif any(v is not None for v in (args.calibrate_seconds, args.calibrate_steps, args.tokenizer)):
+        raise OptionError("--calibrate-seconds, --calibrate-steps and --tokenizer go with --calibrate DATA")
     result = convert_checkpoint(args.src, args.out, args.spec, model=args.model,
                                 model_kwargs=_parse_sets(args.model_arg or []), force=args.force,
-                                progress=not args.quiet, **_spec_options(args))
+                                progress=not args.quiet, calibrate=calibration, **_spec_options(args))
     if not args.quiet:
         print(result)
     return 0
@@ -194,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output: NAME.safetensors, or a folder (HF models, written with save_pretrained)")
     p_conv.add_argument("--force", action="store_true", help="replace DST if it exists (never an input)")
     p_conv.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    cal = p_conv.add_argument_group("calibration (give a pretrained model its function back, without labels)")
+    cal.add_argument("--calibrate", metavar="DATA", help="an image folder (a subfolder per class) or a text table "
+                     "(.csv/.jsonl, text and label columns): the converted model learns the original's outputs on "
+                     "its inputs before it is written")
+    cal.add_argument("--calibrate-seconds", type=float, metavar="S", help="time budget (default: one pass over DATA)")
+    cal.add_argument("--calibrate-steps", type=int, metavar="N", help="step budget")
+    cal.add_argument("--calibrate-params", choices=("norms", "all"), default="norms",
+                     help="train the converted norms' affine parameters (default) or every parameter")
+    cal.add_argument("--calibrate-batch-size", type=int, default=32, metavar="B")
+    cal.add_argument("--tokenizer", metavar="DIR", help="a local tokenizer folder for a text table (default: SRC "
+                     "when it is an HF folder)")
     p_conv.set_defaults(func=_cmd_convert)
     p_insp = sub.add_parser("inspect", help="list the norm layers of a model and the tensors of a checkpoint",
                             epilog=EPILOG_INSPECT, formatter_class=raw)

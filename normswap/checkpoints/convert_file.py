@@ -10,12 +10,14 @@ loaded, converted for real and saved.
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..calibration import Calibration
 from ..errors import CheckpointError, NormSwapError, OptionError
 from ..io.progress import Progress
 from ..core.plan import Plan
@@ -86,13 +88,14 @@ def is_folder_output(out: pathlib.Path) -> bool:
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str, *, model: str | None = None,
                        model_kwargs: dict[str, Any] | None = None, force: bool = False, progress: bool = False,
-                       **options: Any) -> ConvertedCheckpoint:
+                       calibrate: Calibration | None = None, **options: Any) -> ConvertedCheckpoint:
     """Convert the checkpoint ``src`` with ``spec`` and write it to ``out`` (a ``.safetensors`` file, or an
     HF folder written with ``save_pretrained``), recording the base model and conversions in it.
 
     ``model`` is ``"timm:NAME"`` or an HF folder; it may be left out when ``src`` is an HF folder or a
     checkpoint normswap wrote. ``src`` is never modified; ``out`` is written atomically and an existing
-    one is replaced only with ``force=True``.
+    one is replaced only with ``force=True``. ``calibrate=Calibration(data, ...)`` trains the converted
+    model to reproduce the original's outputs on ``data`` before it is written (its report is in the notes).
 
     Example:
         >>> convert_checkpoint("resnet50.safetensors", "resnet50_gn_ws.safetensors", "gn_ws",
@@ -121,6 +124,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
         if options.get("exact") is True:  # the residual stream is found by running the model: materialize
             notes.append("exact=True runs the model once to find its residual stream: the model was converted "
                          "in memory")
+        elif calibrate is not None:
+            notes.append("calibration trains the converted model: it was converted in memory")
         else:
             keymap, plan, converted = _convert_skeleton(skel, spec, options, folder, ckpt, src, notes)
         total = keymap.nbytes if keymap is not None else ckpt.nbytes
@@ -135,8 +140,12 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, spec: str
                 real = replay(build(), conversions)
                 load_mapped(real, ckpt, base_map)
                 bar.update(ckpt.nbytes / 2)
+                original = copy.deepcopy(real) if calibrate is not None else None
                 real = convert(real, spec, inplace=True, **options)
                 plan = last_plan(real)
+                if original is not None:
+                    notes.append(str(calibrate.run(real, original)))
+                    del original
                 notes.append(f"spec {plan.spec}: {get_spec(spec).changed_keys}")
                 with atomic_output(out, force=force, folder=folder, inputs=inputs) as tmp:
                     if folder:

@@ -39,6 +39,34 @@ class DataBundle:
     task: str
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What a model takes from a batch: the token ids and mask of a text batch, the pixels of an image one."""
+    if "input_ids" in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return batch["pixel_values"]
+
+
+class Unlabeled:
+    """The inputs of ``dataset``'s samples in shuffled batches, as a model takes them (the pixels of an image
+    batch, the token ids and mask of a text batch), labels left out: what ``normswap.calibrate`` reads.
+    Iterating again gives the same order (``seed``).
+
+    Example:
+        >>> batches = Unlabeled(builtin("image", seed=0, train_size=10, val_size=2).train, batch_size=4)
+        >>> [tuple(b.shape) for b in batches]
+        [(4, 3, 32, 32), (4, 3, 32, 32), (2, 3, 32, 32)]
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for i in range(0, len(order), self.batch_size):
+            items = [self.dataset[j] for j in order[i:i + self.batch_size]]
+            yield model_inputs({k: torch.stack([item[k] for item in items]) for k in items[0] if k != "labels"})
+
+
 # ---------------------------------------------------------------------------------------------- built-in
 
 

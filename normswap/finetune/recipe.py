@@ -62,6 +62,7 @@ SCHEMA: dict[str, Key] = {
     "init_from": Key((str, type(None)), None),
     "model": Key((dict,), None, required=True),
     "convert": Key((dict, type(None)), None),
+    "calibrate": Key((dict, type(None)), None),
     "data": Key((dict,), None, required=True),
     "optimizer": Key((dict,), {"_component_": "torch.optim.AdamW", "lr": 1e-3}),
     "scheduler": Key((dict, type(None)), None),
@@ -186,6 +187,7 @@ def validate(recipe: dict[str, Any], source: str = "recipe", *, check_data: bool
         problems += [f"{k}: not supported with distributed=fsdp (the regularizers work on whole weights, FSDP "
                      f"shards them); use distributed=ddp, or {k}=null" for k in ("orthogonal", "clip") if full[k]]
     problems += _check_convert(full)
+    problems += _check_calibrate(full)
     for name in ("resume", "init_from"):
         if isinstance(full[name], str) and not pathlib.Path(full[name]).exists():
             problems.append(f"{name}: {full[name]} does not exist")
@@ -249,6 +251,31 @@ def _check_convert(full: dict[str, Any]) -> list[str]:
         check_options(spec, options)
     except NormSwapError as exc:
         problems.append(f"convert: {exc}")
+    return problems
+
+
+CALIBRATE_KEYS = ("seconds", "steps", "params", "lr", "eval_batches")
+
+
+def _check_calibrate(full: dict[str, Any]) -> list[str]:
+    """``calibrate:`` takes :func:`normswap.calibrate`'s budget and training keys, and needs a conversion."""
+    section = full["calibrate"]
+    if section is None:
+        return []
+    problems = [f"calibrate.{k}: not a calibrate key (it takes {', '.join(CALIBRATE_KEYS)})"
+                for k in section if k not in CALIBRATE_KEYS]
+    if not (full["convert"] or {}).get("spec"):
+        problems.append("calibrate: needs a convert: section with a spec (it calibrates the converted model "
+                        "against the one the recipe builds)")
+    checks = {"seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+              "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "params": lambda v: v in ("norms", "all"),
+              "lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+              "eval_batches": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+    for key, ok in checks.items():
+        if key in section and section[key] is not None and not ok(section[key]):
+            want = {"params": "'norms' or 'all'", "steps": "an integer >= 1", "eval_batches": "an integer >= 1"}
+            problems.append(f"calibrate.{key}: expected {want.get(key, 'a positive number')}, got {section[key]!r}")
     return problems
 
 

@@ -9,6 +9,8 @@ continues bit-exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -29,7 +31,7 @@ from ..io.progress import Progress
 from ..regularizers import OrthogonalRegularizer, RegularizedStep
 from . import distributed
 from .builders import build_data, build_optimizer, build_recipe_model, build_scheduler, task_of
-from .data import DataError
+from .data import DataError, Unlabeled, model_inputs
 from .recipe import RecipeError, apply_overrides, read_recipe, validate
 from .state import MODEL, find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 
@@ -48,6 +50,7 @@ class RunResult:
     checkpoint: pathlib.Path | None = None
     plot: pathlib.Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None  # the CalibrationReport of a recipe's calibrate: section
 
     def __str__(self) -> str:
         figures = ", ".join(f"{k} {v:.4g}" for k, v in self.final.items())
@@ -56,6 +59,8 @@ class RunResult:
             lines.append(f"checkpoint: {self.checkpoint} (normswap.load('{self.checkpoint / MODEL}'))")
         if self.plot:
             lines.append(f"plot: {self.plot}")
+        if self.calibration is not None:
+            lines.append(f"before fine-tuning, {self.calibration}")
         return "\n".join(lines)
 
 
@@ -98,10 +103,8 @@ class BatchOrder:
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "input_ids" in batch:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    else:
-        out = model(batch["pixel_values"])
+    inputs = model_inputs(batch)
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -129,6 +132,10 @@ class TrainingRun:
         if cfg["init_from"]:
             load_state_dict(model, cfg["init_from"])
         conv = cfg["convert"] or {}
+        checkpoint = find_checkpoint(cfg["resume"]) if cfg["resume"] else None
+        # calibrate: against the model as it was before the conversion (not when resuming: the weights are
+        # the checkpoint's)
+        original = copy.deepcopy(model) if cfg["calibrate"] is not None and checkpoint is None else None
         if conv.get("spec"):
             from ..core.convert import convert
 
@@ -137,7 +144,9 @@ class TrainingRun:
         if cfg["channels_last"] and self.task == "image":
             model.to(memory_format=torch.channels_last)
         self.model = model
-        checkpoint = find_checkpoint(cfg["resume"]) if cfg["resume"] else None
+        self.calibration = None
+        if original is not None:
+            self.calibration = self._calibrate(original.to(self.dist.device), cfg["calibrate"], seed)
         if checkpoint is not None:
             load_state_dict(model, checkpoint / MODEL)  # before sharding: every rank loads the whole model
         # wrap first: FSDP replaces the parameters, and the optimizer must hold the sharded ones
@@ -155,6 +164,17 @@ class TrainingRun:
             self.train_model = torch.compile(self.train_model)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"])
         self.autocast = (lambda: torch.autocast(self.dist.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def _calibrate(self, original: nn.Module, options: dict[str, Any], seed: int):
+        """The recipe's ``calibrate:`` section: the converted model learns the original's outputs on the
+        training inputs (labels unused) before fine-tuning; the same batches on every rank."""
+        from ..calibration import calibrate
+
+        report = calibrate(self.model, original, Unlabeled(self.data.train, self.cfg["batch_size"], seed), **options)
+        if self.dist.main:
+            with atomic_output(self.out / "calibration.json", force=True) as tmp:
+                tmp.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+        return report
 
     def _resume(self, checkpoint: pathlib.Path) -> None:
         state = load_trainer_state(checkpoint)
@@ -360,4 +380,4 @@ def _train(run: TrainingRun) -> RunResult:
 
         plot = plot_metrics(metrics, out / PLOT)
     keep = ("loss", "train_accuracy", "val_loss", "val_accuracy")
-    return RunResult(out, run.step, {k: last[k] for k in keep if k in last}, checkpoint, plot, cfg)
+    return RunResult(out, run.step, {k: last[k] for k in keep if k in last}, checkpoint, plot, cfg, run.calibration)

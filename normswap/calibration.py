@@ -1,0 +1,332 @@
+"""``normswap.calibrate``: give a converted pretrained model its function back, from unlabeled inputs.
+
+A conversion that changes what a layer computes (BatchNorm -> GroupNorm + WS, GroupNorm, InstanceNorm,
+LayerNorm) keeps the trained weights but not the statistics they were trained with, so the converted
+model's outputs drift from the original's. Calibration trains the converted model to reproduce the
+original's outputs on inputs alone (no labels): by default only the affine parameters of the converted
+norms, which is cheap and enough for most of the drift, or every parameter with ``params="all"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core.state import last_plan
+from .errors import NormSwapError, OptionError
+from .inputs import Inputs, example_inputs, map_inputs, output_tensor
+
+__all__ = ["Agreement", "Calibration", "CalibrationReport", "calibrate"]
+
+PARAMS = ("norms", "all")
+DEFAULT_LR = {"norms": 1e-2, "all": 1e-4}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How close the converted model's outputs are to the original's on the same inputs: mean squared
+    difference, and the share of rows whose arg-max (top-1 class) is the same."""
+
+    mse: float
+    top1: float
+
+
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrate` did: agreement with the original before and after, on the first batches of
+    the data; steps taken, time spent, what was trained and why it stopped."""
+
+    before: Agreement
+    after: Agreement
+    steps: int
+    seconds: float
+    params: str
+    trained: int
+    stopped: str
+
+    def __str__(self) -> str:
+        return (f"calibrated {self.trained} {self.params} parameter values in {self.steps} steps, "
+                f"{self.seconds:.1f} s (stopped: {self.stopped})\n"
+                f"  agreement with the original: top-1 {self.before.top1:.3f} -> {self.after.top1:.3f}, "
+                f"output MSE {self.before.mse:.4g} -> {self.after.mse:.4g}")
+
+
+def _as_inputs(batch: Any, where: str) -> Inputs:
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise OptionError(f"{where}: a batch must be a tensor, a tuple/list of positional inputs or a dict of "
+                      f"keyword inputs, got {type(batch).__name__}")
+
+
+class _Batches:
+    """The data as an endless stream of batches: a re-iterable (a list, a DataLoader) is iterated again at
+    its end; a one-shot iterator is kept in memory on its first pass and replayed."""
+
+    def __init__(self, data: Any) -> None:
+        if isinstance(data, (torch.Tensor, dict)) or not isinstance(data, Iterable):
+            raise OptionError("data must be an iterable of batches (a list, a DataLoader, a generator), got "
+                              f"{type(data).__name__}; wrap a single batch in a list")
+        self.data = data
+        self.one_shot = iter(data) is data
+        self.kept: list[Any] = []
+        self.epochs = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            source = self.kept if self.one_shot and self.epochs else self.data
+            count = 0
+            for batch in source:
+                if self.one_shot and not self.epochs:
+                    self.kept.append(batch)
+                count += 1
+                yield batch
+            self.epochs += 1
+            if count == 0:
+                raise OptionError("data holds no batch")
+
+
+def _trainable(converted: nn.Module, params: str) -> list[nn.Parameter]:
+    if params not in PARAMS:
+        raise OptionError(f"params must be one of {PARAMS}, got {params!r}")
+    if params == "all":
+        chosen = [p for p in converted.parameters() if p.is_floating_point()]
+    else:
+        plan = last_plan(converted)
+        if plan is None:
+            raise NormSwapError(f"{type(converted).__name__} was not made by normswap.convert (or loaded by "
+                                "normswap.load), so its converted norms are unknown; pass params='all'")
+        seen: set[int] = set()
+        chosen = []
+        for change in plan.replaced:
+            for p in converted.get_submodule(change.path).parameters():
+                if id(p) not in seen and p.is_floating_point():
+                    seen.add(id(p))
+                    chosen.append(p)
+    if not chosen:
+        raise NormSwapError(f"{type(converted).__name__}: no parameter to calibrate with params={params!r} (its "
+                            "converted norms have no affine parameters); pass params='all'")
+    return chosen
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, int, int]:
+    s, t = student.detach().float(), teacher.detach().float()
+    sq = float((s - t).square().sum())
+    same = int((s.argmax(-1) == t.argmax(-1)).sum()) if s.dim() else int(bool(s == t))
+    rows = max(1, t.numel() // max(1, t.shape[-1] if t.dim() else 1))
+    return sq, same, rows
+
+
+class _Measure:
+    """Agreement over a fixed set of batches, with the original's outputs computed once."""
+
+    def __init__(self, batches: list[Inputs], original: nn.Module, to_original, field: str | None) -> None:
+        self.batches, self.field = batches, field
+        with torch.no_grad():
+            self.targets = [output_tensor(original(*a, **k), field).detach()
+                            for a, k in (to_original(b) for b in batches)]
+
+    def __call__(self, converted: nn.Module, to_converted) -> Agreement:
+        sq = count = same = rows = 0
+        with torch.no_grad():
+            for batch, target in zip(self.batches, self.targets):
+                args, kwargs = to_converted(batch)
+                out = output_tensor(converted(*args, **kwargs), self.field)
+                if out.shape != target.shape:
+                    raise NormSwapError(f"the converted model's output has shape {tuple(out.shape)}, the original's "
+                                        f"{tuple(target.shape)}: calibrate a model against the one it was converted from")
+                s, m, r = _agreement(out, target.to(out.device))
+                sq, same, rows, count = sq + s, same + m, rows + r, count + out.numel()
+        return Agreement(mse=sq / max(count, 1), top1=same / max(rows, 1))
+
+
+def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *, seconds: float | None = None,
+              steps: int | None = None, params: str = "norms", lr: float | None = None, eval_batches: int = 4,
+              output: str | None = None) -> CalibrationReport:
+    """Train ``converted`` (in place) to reproduce ``original``'s outputs on the inputs of ``data``.
+
+    ``data`` is any iterable of input batches as the models take them: a tensor (one positional input), a
+    tuple or list (positional inputs) or a dict (keyword inputs) per batch; a ``DataLoader`` works and is
+    iterated again as needed. No labels: the target is the original's output (``output=`` names the field
+    of a structured output; by default ``logits``, ``last_hidden_state`` or the first tensor). Training
+    stops after ``seconds`` or ``steps`` (whichever comes first; one pass over the data when neither is
+    given). ``params="norms"`` trains the affine parameters of the norms the conversion replaced (Adam, lr
+    1e-2), ``params="all"`` every parameter (lr 1e-4). Both models run in eval mode (no dropout); their
+    modes and ``requires_grad`` flags are put back, and ``original`` is not changed.
+
+    The report gives the output MSE and the top-1 agreement with the original on the first ``eval_batches``
+    batches, before and after (measuring them is not counted in ``seconds``).
+
+    Example:
+        >>> import torch, normswap
+        >>> original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+        >>> converted = normswap.convert(original, "gn", groups=2)
+        >>> report = calibrate(converted, original, [torch.randn(8, 3, 16, 16)], steps=20)
+        >>> report.after.mse < report.before.mse
+        True
+    """
+    for name, model in (("converted", converted), ("original", original)):
+        if not isinstance(model, nn.Module):
+            raise OptionError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if converted is original:
+        raise OptionError("converted and original are the same object; convert with inplace=False to keep the "
+                          "original")
+    if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0 and math.isfinite(seconds)):
+        raise OptionError(f"seconds must be a positive number, got {seconds!r}")
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise OptionError(f"steps must be a positive integer, got {steps!r}")
+    if not (isinstance(eval_batches, int) and eval_batches >= 1):
+        raise OptionError(f"eval_batches must be a positive integer, got {eval_batches!r}")
+    trainable = _trainable(converted, params)
+    rate = DEFAULT_LR[params] if lr is None else lr
+    if not (isinstance(rate, (int, float)) and rate > 0):
+        raise OptionError(f"lr must be a positive number, got {lr!r}")
+    dev_c, dev_o = _device(converted), _device(original)
+    to_c = lambda b: map_inputs(b, lambda t: t.to(dev_c))  # noqa: E731
+    to_o = lambda b: map_inputs(b, lambda t: t.to(dev_o))  # noqa: E731
+
+    stream = _Batches(data)
+    batches = iter(stream)
+    first: list[Inputs] = []
+    while len(first) < eval_batches:
+        batch = next(batches)
+        if stream.epochs:  # fewer batches than eval_batches: this one is the first again
+            pending_wrap = batch
+            break
+        first.append(_as_inputs(batch, f"data batch {len(first)}"))
+    else:
+        pending_wrap = None
+    one_pass = steps is None and seconds is None
+
+    def next_inputs(done: int) -> Inputs | None:
+        """The next training batch: the measured ones first, then the rest; None at the end of one pass."""
+        nonlocal pending_wrap
+        if done < len(first):
+            return first[done]
+        if pending_wrap is not None:
+            batch, pending_wrap = pending_wrap, None
+        else:
+            batch = next(batches)
+        if one_pass and stream.epochs:
+            return None
+        return _as_inputs(batch, f"data batch {done}")
+
+    modes = {m: m.training for m in (*converted.modules(), *original.modules())}
+    flags = {p: p.requires_grad for p in converted.parameters()}
+    try:
+        converted.eval()
+        original.eval()
+        measure = _Measure(first, original, to_o, output)
+        before = measure(converted, to_c)
+        start = time.perf_counter()  # the budget is for training; measuring is not counted
+        for p in converted.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(trainable, lr=rate)
+        done, stopped = 0, "one pass over the data"
+        while True:
+            if steps is not None and done >= steps:
+                stopped = f"{steps} steps"
+                break
+            if seconds is not None and time.perf_counter() - start >= seconds:
+                stopped = f"{seconds:g} s"
+                break
+            inputs = next_inputs(done)
+            if inputs is None:
+                break
+            with torch.no_grad():
+                a, k = to_o(inputs)
+                target = output_tensor(original(*a, **k), output).detach()
+            a, k = to_c(inputs)
+            out = output_tensor(converted(*a, **k), output)
+            if out.shape != target.shape:
+                raise NormSwapError(f"the converted model's output has shape {tuple(out.shape)}, the original's "
+                                    f"{tuple(target.shape)}: calibrate a model against the one it was converted from")
+            loss = (out.float() - target.to(out.device).float()).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+        seconds_spent = time.perf_counter() - start
+        after = measure(converted, to_c)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    trained = sum(p.numel() for p in trainable)
+    return CalibrationReport(before, after, done, seconds_spent, params, trained, stopped)
+
+
+@dataclass
+class Calibration:
+    """A calibration to run right after a conversion (``normswap convert --calibrate DATA``,
+    :func:`normswap.convert_checkpoint`'s ``calibrate=``): ``data`` is an iterable of input batches, or a path
+    read as recipes read it: an image folder (one subfolder per class, or ``train/`` and ``val/``) or a text
+    table (``.csv`` / ``.jsonl`` with ``text`` and ``label`` columns, tokenized with ``tokenizer``, a local
+    tokenizer folder). Labels are never used.
+
+    Example:
+        >>> Calibration("photos/", seconds=60).seconds
+        60
+    """
+
+    data: str | os.PathLike | Iterable[Any]
+    seconds: float | None = None
+    steps: int | None = None
+    params: str = "norms"
+    batch_size: int = 32
+    tokenizer: str | os.PathLike | None = None
+
+    def run(self, converted: nn.Module, original: nn.Module) -> CalibrationReport:
+        """:func:`calibrate` ``converted`` against ``original`` with this data and budget."""
+        data = self.data
+        if isinstance(data, (str, os.PathLike)):
+            data = read_inputs(data, original, self.batch_size, self.tokenizer)
+        return calibrate(converted, original, data, seconds=self.seconds, steps=self.steps, params=self.params)
+
+
+def read_inputs(path: str | os.PathLike, model: nn.Module, batch_size: int = 32,
+                tokenizer: str | os.PathLike | None = None) -> Iterable[Any]:
+    """The inputs of an image folder or a text table, in batches as ``model`` takes them (pixels at the
+    model's input size; token ids and mask), without labels.
+
+    Example:
+        >>> batches = read_inputs("photos/", model, batch_size=16)  # doctest: +SKIP
+    """
+    from torch.utils.data import ConcatDataset
+
+    from .finetune.builders import task_of
+    from .finetune.data import Unlabeled, image_folder, text_table
+
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
+    path = pathlib.Path(path)
+    if task_of(model) == "image":
+        size = example_inputs(model).shape[-1]
+        bundle = image_folder(str(path), "image", seed=0, image_size=int(size))
+    else:
+        if tokenizer is None:
+            raise OptionError(f"{path}: a text table is tokenized with a local tokenizer folder; pass tokenizer= "
+                              "(--tokenizer DIR)")
+        bundle = text_table(str(path), str(tokenizer), "text", seed=0)
+    return Unlabeled(ConcatDataset([bundle.train, bundle.val]), batch_size)
