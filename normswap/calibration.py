@@ -22,7 +22,7 @@ from torch import nn
 
 from .core.state import last_plan
 from .errors import NormSwapError, OptionError
-from .inputs import Inputs, example_inputs, map_inputs, output_tensor
+from .inputs import Inputs, example_inputs, map_inputs, output_tensor, split_inputs
 
 __all__ = ["Agreement", "Calibration", "CalibrationReport", "calibrate"]
 
@@ -60,14 +60,10 @@ class CalibrationReport:
 
 
 def _as_inputs(batch: Any, where: str) -> Inputs:
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    raise OptionError(f"{where}: a batch must be a tensor, a tuple/list of positional inputs or a dict of "
-                      f"keyword inputs, got {type(batch).__name__}")
+    try:
+        return split_inputs(batch)
+    except OptionError as exc:
+        raise OptionError(f"{where}: {exc}") from None
 
 
 class _Batches:
