@@ -135,6 +135,7 @@ def test_only_the_converted_norms_change_and_the_original_is_left_alone(digits, 
     assert everything.trained == sum(p.numel() for p in converted.parameters())
 
 
+@pytest.mark.long
 def test_any_iterable_of_batches_in_any_form(digits, pretrained):
     (x, _), _ = digits
     converted = normswap.convert(pretrained, "gn_ws")

@@ -349,6 +349,7 @@ def test_command_line_plans_and_converts_an_hf_folder_exactly(tmp_path, capfd):
     assert res.returncode == 2 and "does not support it" in res.stderr
 
 
+@pytest.mark.long
 def test_the_exact_recipe_starts_from_the_trained_model_unchanged(tmp_path):
     """``recipes/vit_rms_exact.yaml``: a checkpoint given as init_from converts with its outputs kept, then
     fine-tunes."""
