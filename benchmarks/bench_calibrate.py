@@ -95,7 +95,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--specs", nargs="+", default=["gn_ws", "gn", "in", "ln"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 5.0, 10.0, 20.0])
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=500)
+    parser.add_argument("--groups", type=int, default=None, help="groups= for gn_ws and gn (default: the spec's 32)")
+    parser.add_argument("--cache", default=None, help="a folder keeping the trained originals between runs")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data = builtin("image", seed=0, train_size=2048, val_size=512)
@@ -104,13 +106,21 @@ def main() -> None:
     lines = []
     for name in args.models:
         original = build(name)
+        cached = pathlib.Path(args.cache) / f"{name}_{args.train_steps}.pt" if args.cache else None
         t = time.perf_counter()
-        train_labels(original, x, y, steps=args.train_steps)
+        if cached is not None and cached.is_file():
+            original.load_state_dict(torch.load(cached, weights_only=True))
+        else:
+            train_labels(original, x, y, steps=args.train_steps)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(original.state_dict(), cached)
         base = accuracy(original, vx, vy)
-        print(f"{MODELS[name]}: trained with BatchNorm in {time.perf_counter() - t:.0f} s, val accuracy {base:.3f}",
-              flush=True)
+        print(f"{MODELS[name]}: trained with BatchNorm ({args.train_steps} steps, {time.perf_counter() - t:.0f} s), "
+              f"val accuracy {base:.3f}", flush=True)
         for spec in args.specs:
-            converted = normswap.convert(original.eval(), spec)
+            options = {"groups": args.groups} if args.groups and spec in ("gn_ws", "gn") else {}
+            converted = normswap.convert(original.eval(), spec, **options)
             row = {"converted": accuracy(converted, vx, vy)}
             for budget in args.budgets:
                 cal = copy.deepcopy(converted)
@@ -121,7 +131,7 @@ def main() -> None:
             parts = [f"{b:g} s: calibrated {c:.3f} ({c / base:.1%}, {cs} steps) | labels {f:.3f} ({f / base:.1%}, "
                      f"{fs} steps)" for b, (c, cs, f, fs) in ((b, row[b]) for b in args.budgets)]
             print(f"  {spec}: converted {row['converted']:.3f}; " + "; ".join(parts), flush=True)
-            lines.append((MODELS[name], base, spec, row))
+            lines.append((MODELS[name], base, spec + (f" groups={args.groups}" if options else ""), row))
     print(f"\n### Calibration ({datetime.date.today()}, torch {torch.__version__}, {torch.get_num_threads()} "
           "CPU threads)\n")
     head = " | ".join(f"{b:g} s calibrated / labels" for b in args.budgets)
