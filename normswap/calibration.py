@@ -116,6 +116,12 @@ def _trainable(converted: nn.Module, params: str) -> list[nn.Parameter]:
     return chosen
 
 
+def _same_shape(out: torch.Tensor, target: torch.Tensor) -> None:
+    if out.shape != target.shape:
+        raise NormSwapError(f"the converted model's output has shape {tuple(out.shape)}, the original's "
+                            f"{tuple(target.shape)}: calibrate a model against the one it was converted from")
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -144,9 +150,7 @@ class _Measure:
             for batch, target in zip(self.batches, self.targets):
                 args, kwargs = to_converted(batch)
                 out = output_tensor(converted(*args, **kwargs), self.field)
-                if out.shape != target.shape:
-                    raise NormSwapError(f"the converted model's output has shape {tuple(out.shape)}, the original's "
-                                        f"{tuple(target.shape)}: calibrate a model against the one it was converted from")
+                _same_shape(out, target)
                 s, m, r = _agreement(out, target.to(out.device))
                 sq, same, rows, count = sq + s, same + m, rows + r, count + out.numel()
         return Agreement(mse=sq / max(count, 1), top1=same / max(rows, 1))
@@ -253,9 +257,7 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
                 target = output_tensor(original(*a, **k), output).detach()
             a, k = to_c(inputs)
             out = output_tensor(converted(*a, **k), output)
-            if out.shape != target.shape:
-                raise NormSwapError(f"the converted model's output has shape {tuple(out.shape)}, the original's "
-                                    f"{tuple(target.shape)}: calibrate a model against the one it was converted from")
+            _same_shape(out, target)
             loss = (out.float() - target.to(out.device).float()).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

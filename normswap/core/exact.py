@@ -38,9 +38,10 @@ def check_exact_options(spec_name: str, centers: bool, options: dict[str, Any], 
         raise OptionError("exact=True keeps each LayerNorm's bias; drop bias=False")
 
 
-def _run_inputs(model: nn.Module, inputs: Any) -> Inputs:
+def _run_inputs(model: nn.Module, inputs: Any | None) -> Inputs:
+    """The given example inputs (random ones of the right kind when None) on the model's device."""
     param = next(iter(model.parameters()), None)
-    split = split_inputs(inputs)
+    split = split_inputs(example_inputs(model) if inputs is None else inputs)
     return split if param is None else map_inputs(split, lambda t: t.to(param.device))
 
 
@@ -79,7 +80,7 @@ def plan_exact(model: nn.Module, plan: Plan, inputs: Any | None, exact: bool | d
             raise ConversionError(f"{unknown[0]}: the recorded exact conversion makes this LayerNorm a stream head, "
                                   "but it is not one this conversion replaces (a record of another model?)")
     elif readers:
-        args, kwargs = _run_inputs(model, example_inputs(model) if inputs is None else inputs)
+        args, kwargs = _run_inputs(model, inputs)
 
         def forward() -> None:
             try:
@@ -182,7 +183,7 @@ def apply_verified(plan: Plan, target: nn.Module, inputs: Any | None, apply: Cal
 
     The tolerance is derived as ``validate`` derives it: the dtype's (64 units in the last place, at least
     1e-5), or 10x how far the output moves when every weight moves by 4 ulp, whichever is larger."""
-    split = _run_inputs(target, example_inputs(target) if inputs is None else inputs)
+    split = _run_inputs(target, inputs)
     before = _eval_output(target, split)
     snapshot = _Snapshot(plan, target) if keep_original else None
     apply()

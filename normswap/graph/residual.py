@@ -162,9 +162,9 @@ def _indexed_dim(index: Any, ndim: int, dim: int) -> tuple[int | None, bool]:
 
 
 class _Walk:
-    def __init__(self, tape: _Tape, params: dict[int, str], norms: dict[tuple[int, int], str], readers: set[str],
-                 holders: dict[int, list[tuple[str, str]]]) -> None:
-        self.tape, self.params, self.norms, self.readers, self.holders = tape, params, norms, readers, holders
+    def __init__(self, tape: _Tape, params: dict[int, str], norms: dict[tuple[int, int], str], readers: set[str]
+                 ) -> None:
+        self.tape, self.params, self.norms, self.readers = tape, params, norms, readers
         self.stream: set[tuple[int, int]] = set()
         self.writers: dict[str, Writer] = {}
         self.writer_ops: set[int] = set()
@@ -435,14 +435,14 @@ def find_stream(model: nn.Module, run: Callable[[], Any], readers: dict[str, nn.
     if missing:
         raise ConversionError(f"{missing[0]}: exact=True found no call of this LayerNorm in a forward pass on the "
                               "example inputs, so what it reads is unknown; pass example_inputs= that reach it")
-    walk = _Walk(tape, params, outputs, set(readers), holders)
+    walk = _Walk(tape, params, outputs, set(readers))
     order = list(readers)
     for path in order:
         walk.reader = path
         walk.visit(inputs[path], -1)
     for head in walk.heads:  # a LayerNorm heading the stream may not itself read the stream it writes
         walk.reader = head
-        head_in = _Walk(tape, params, outputs, set(readers), holders)
+        head_in = _Walk(tape, params, outputs, set(readers))
         head_in.reader = head
         head_in.visit(inputs[head], -1)
         if head_in.heads:
