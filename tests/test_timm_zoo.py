@@ -73,3 +73,20 @@ def test_gn_ws_full(name):
 def test_layer_norm_specs_full(name, spec):
     if check_timm(name, spec, "layer") == "no-norm":
         pytest.skip("no LayerNorm")
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "convnext_base", "resnet50"])
+def test_shallow_builds_keep_every_kind_of_module(name):
+    """The sweeps' shallow builds (giants with 1-2 blocks per stage) hold every kind of module the full model
+    has, with the same parameter shapes, and fewer parameters."""
+    import torch
+
+    from timm_zoo import _kinds, build, shallow_kwargs
+
+    with torch.device("meta"):
+        full = build(name)
+        kwargs = shallow_kwargs(name, full)
+        assert kwargs, f"{name} has depth arguments"
+        small = build(name, **kwargs)
+    assert _kinds(small) == _kinds(full)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters())

@@ -9,7 +9,9 @@ ones with ``rms`` and ``bert_ln``.
 Results are appended one JSON line per (architecture, spec); a rerun skips what its file already holds.
 Architectures run smallest first (parameter counts from ``tests/data/timm_norms.json``), each in a forked
 child with a timeout and an address-space cap; models whose input size is fixed are built for a smaller
-image where they take ``img_size=``.
+image where they take ``img_size=``; with ``--shallow-above N``, architectures of more than N parameters are
+built with 1-2 blocks per stage where their constructor allows it and every module class of the full model
+remains (the record's ``built_with`` names the arguments; empty: built full size).
 """
 
 from __future__ import annotations
@@ -31,22 +33,29 @@ INDEX = json.loads((HERE / "data" / "timm_norms.json").read_text())["models"]
 SPECS = {"batch": ("gn_ws",), "layer": ("rms", "bert_ln")}
 
 
-def one(item: tuple[str, str, str], report=lambda partial: None) -> dict:
+def one(item: tuple[str, str, str, bool], report=lambda partial: None) -> dict:
     """Check one (architecture, spec, kind); the failure, if any, is the result."""
     from timm_zoo import check_timm
 
-    name, spec, kind = item
+    name, spec, kind, shallow = item
     torch.set_num_threads(1)
     start = time.time()
+    built_with = {}
     try:
-        status = check_timm(name, spec, kind, small=True)
+        if shallow:
+            from timm_zoo import build, shallow_kwargs
+
+            with torch.device("meta"):
+                built_with = shallow_kwargs(name, build(name))
+        status = check_timm(name, spec, kind, small=True, shallow=shallow)
         error = ""
     except BaseException as exc:  # noqa: BLE001 - the failure is the result
         status, error = "fail", f"{type(exc).__name__}: {str(exc)[:400]}"
-    return {"name": name, "spec": spec, "status": status, "error": error, "seconds": round(time.time() - start, 1)}
+    return {"name": name, "spec": spec, "status": status, "error": error, "seconds": round(time.time() - start, 1),
+            "built_with": built_with}
 
 
-def failed(item: tuple[str, str, str], why: str, partial: dict | None = None) -> dict:
+def failed(item: tuple[str, str, str, bool], why: str, partial: dict | None = None) -> dict:
     return {"name": item[0], "spec": item[1], "status": "timeout" if "timed out" in why else "crash", "error": why,
             "seconds": None}
 
@@ -62,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, default=10.0)
     parser.add_argument("--max-params", type=float, default=float("inf"))
     parser.add_argument("--min-params", type=float, default=0.0)
+    parser.add_argument("--shallow-above", type=float, default=float("inf"),
+                        help="build architectures of more parameters with 1-2 blocks per stage where that keeps "
+                             "every module class (timm_zoo.shallow_kwargs); the record says which")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one((args.one, args.spec, args.kind))), flush=True)
+        big = INDEX.get(args.one, {}).get("params", 0) > args.shallow_above
+        print(json.dumps(one((args.one, args.spec, args.kind, big))), flush=True)
         return 0
     import timm
 
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import timm_zoo  # noqa: F401 - imported once here, inherited by every forked child
 
     torch.set_num_threads(1)
-    run_forked([(n, s, args.kind) for n, s in todo], one, failed, workers=args.workers, timeout=args.timeout,
+    run_forked([(n, s, args.kind, INDEX[n]["params"] > args.shallow_above) for n, s in todo], one, failed, workers=args.workers, timeout=args.timeout,
                done=record)
     bad = [r for r in log.new if r["status"] not in ("ok", "no-norm")]
     print(f"{len(log.new)} run, {len(bad)} not ok")

@@ -60,30 +60,62 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return c, side, side
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, **kwargs) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return timm.create_model(name, pretrained=False)
+        return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def build_small(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
-    """``name`` and its input size; a model whose input size is fixed (ViTs' position embeddings) is built for
-    a smaller image (``img_size=``) when it takes one and runs on it, which the norms do not care about."""
-    model = build(name)
-    c, h, w = input_size(model)
-    if max(h, w) <= MAX_SIDE:
-        return model, (c, h, w)
-    for side in (MAX_SIDE, 128, 192):
+def build_small(name: str, shallow: bool = False) -> tuple[nn.Module, tuple[int, int, int]]:
+    """``name`` built once, and its input size; a model whose input size is fixed (ViTs' position embeddings)
+    is built for a smaller image (``img_size=``) when it takes one and runs on it, which the norms do not
+    care about. ``shallow`` also cuts its depth (``shallow_kwargs``) where that keeps every module class."""
+    try:
+        with torch.device("meta"):
+            probe = build(name)
+    except Exception:  # noqa: BLE001 - computes values while building: read its config from a real build
+        probe = build(name)
+    kwargs = shallow_kwargs(name, probe) if shallow else {}
+    c, h, w = input_size(probe)
+    if max(h, w) > MAX_SIDE:
+        for side in (MAX_SIDE, 128, 192):
+            try:
+                small = build(name, img_size=side, **kwargs)
+                with torch.no_grad():
+                    small.eval()(torch.randn(1, c, side, side))
+                return small, (c, side, side)
+            except Exception:  # noqa: BLE001 - no img_size argument, or a size its windows do not fit
+                continue
+    return build(name, **kwargs), (c, h, w)
+
+
+def _kinds(model: nn.Module) -> set:
+    return {(type(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+            for m in model.modules()}
+
+
+# depth arguments of timm constructors, tried on the meta device: a flat block count, or one per stage
+_DEPTH_KEYS = ("depth", "depths", "layers", "num_blocks")
+
+
+def shallow_kwargs(name: str, full: nn.Module) -> dict:
+    """Constructor arguments that build ``name`` with 1-2 blocks per stage (much faster to build and run),
+    accepted only when the shallow model holds exactly the kinds of module of ``full``, told apart by class
+    and parameter shapes: every kind of block, norm and conv of every stage width is still there. ``{}``
+    when none does."""
+    classes = _kinds(full)
+    size = sum(p.numel() for p in full.parameters())
+    candidates = [{"depth": 2}] + [{key: (1,) * n} for key in _DEPTH_KEYS[1:] for n in range(2, 7)]
+    candidates += [{key: (2,) * n} for key in _DEPTH_KEYS[1:] for n in range(2, 7)]
+    for kwargs in candidates:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                small = timm.create_model(name, pretrained=False, img_size=side)
-            with torch.no_grad():
-                small.eval()(torch.randn(1, c, side, side))
-            return small, (c, side, side)
-        except Exception:  # noqa: BLE001 - no img_size argument, or a size its windows do not fit
+            with torch.device("meta"):
+                small = build(name, **kwargs)
+        except Exception:  # noqa: BLE001 - not an argument of this constructor, or a length it refuses
             continue
-    return model, (c, h, w)
+        if _kinds(small) == classes and sum(p.numel() for p in small.parameters()) < size:
+            return kwargs
+    return {}
 
 
 def sample(names: list[str], k: int = SAMPLE) -> list[str]:
@@ -100,12 +132,13 @@ def has_norm_cheap(name: str, kind: str) -> bool:
         return has_norm(build(name), kind)
 
 
-def check_timm(name: str, spec: str, kind: str, small: bool = False) -> str:
+def check_timm(name: str, spec: str, kind: str, small: bool = False, shallow: bool = False) -> str:
     """Convert timm ``name`` with ``spec`` and run the zoo checks; returns 'ok' or 'no-norm'. ``small`` builds
-    models of a fixed input size for a smaller one where they allow it (the sweeps)."""
+    models of a fixed input size for a smaller one where they allow it (the sweeps), ``shallow`` with fewer
+    blocks where every module class stays (``shallow_kwargs``)."""
     if not has_norm_cheap(name, kind):
         return "no-norm"
-    model, (c, h, w) = build_small(name) if small else (build(name), (None, None, None))
+    model, (c, h, w) = build_small(name, shallow) if small or shallow else (build(name), (None, None, None))
     plan = normswap.plan(model, spec)
     missing = unplanned_norms(model, plan, spec)
     assert not missing, f"{len(missing)} {kind} norm(s) without a plan row: {missing[:5]}"
