@@ -1,14 +1,15 @@
 """Calibration after a conversion that changes the function, against fine-tuning with labels, in one run.
 
     python benchmarks/bench_calibrate.py                       # timm test_resnet and HF ResNet, every BN spec
-    python benchmarks/bench_calibrate.py --models timm --specs gn_ws --budgets 2 5 10
+    python benchmarks/bench_calibrate.py --models timm --specs gn_ws --budgets 2 5 10 --cache /tmp/originals
 
 A BatchNorm model is trained here on the built-in images (ten procedurally drawn pattern classes, 32 px;
-no download) to convergence. Each spec converts it; then, from the same converted weights, side by side:
-``normswap.calibrate`` on the unlabeled training images for each time budget (affine parameters of the
-converted norms), and fine-tuning with labels (every parameter, AdamW, cross-entropy) for the same time.
-Printed: validation accuracy of the original, the converted model, each calibrated and fine-tuned one,
-and the share of the original's accuracy each recovers.
+no download) to convergence (one-cycle schedule). Each spec converts it; then, from the same converted
+weights, side by side for each time budget: ``normswap.calibrate`` on the unlabeled training images
+(``params="norms"``: affine parameters of the converted norms; ``params="all"``), and fine-tuning with
+labels (every parameter, AdamW, cross-entropy) at each learning rate given. Printed: validation accuracy
+of the original, the converted model and each method at each budget, and the first budget at which each
+method reaches 99% of the original's accuracy.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seconds: float | None = None,
-                 steps: int | None = None, lr: float = 1e-3, batch: int = 64, seed: int = 0) -> int:
-    """Fine-tune every parameter with labels (AdamW, cross-entropy) for a time or step budget."""
+                 steps: int | None = None, lr: float = 1e-3, batch: int = 64, seed: int = 0,
+                 one_cycle: bool = False) -> int:
+    """Train every parameter with labels (AdamW, cross-entropy) for a time or step budget; ``one_cycle``
+    (with ``steps``) warms the rate up and anneals it to zero, to train an original to convergence."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) if one_cycle else None
     model.train()
     start, done = time.perf_counter(), 0
     while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
@@ -61,6 +65,8 @@ def train_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seconds:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         done += 1
     return done
 
@@ -94,8 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--specs", nargs="+", default=["gn_ws", "gn", "in", "ln"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 5.0, 10.0, 20.0])
-    parser.add_argument("--train-steps", type=int, default=500)
+    parser.add_argument("--budgets", nargs="+", type=float, default=[3.0, 6.0, 10.0, 20.0])
+    parser.add_argument("--params", nargs="+", default=["norms", "all"], choices=["norms", "all"],
+                        help="what calibrate trains (each at its default learning rate)")
+    parser.add_argument("--label-lrs", nargs="+", type=float, default=[1e-3, 3e-3],
+                        help="learning rates of the fine-tuning with labels (each one a column)")
+    parser.add_argument("--train-steps", type=int, default=1500, help="steps training the original (one cycle)")
     parser.add_argument("--groups", type=int, default=None, help="groups= for gn_ws and gn (default: the spec's 32)")
     parser.add_argument("--cache", default=None, help="a folder keeping the trained originals between runs")
     args = parser.parse_args()
@@ -103,15 +113,16 @@ def main() -> None:
     data = builtin("image", seed=0, train_size=2048, val_size=512)
     x, y = _tensors(data.train)
     vx, vy = _tensors(data.val)
+    methods = [f"calibrate {p}" for p in args.params] + [f"labels lr {lr:g}" for lr in args.label_lrs]
     lines = []
     for name in args.models:
         original = build(name)
-        cached = pathlib.Path(args.cache) / f"{name}_{args.train_steps}.pt" if args.cache else None
+        cached = pathlib.Path(args.cache) / f"{name}_cycle{args.train_steps}.pt" if args.cache else None
         t = time.perf_counter()
         if cached is not None and cached.is_file():
             original.load_state_dict(torch.load(cached, weights_only=True))
         else:
-            train_labels(original, x, y, steps=args.train_steps)
+            train_labels(original, x, y, steps=args.train_steps, lr=3e-3, one_cycle=True)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(original.state_dict(), cached)
@@ -121,25 +132,33 @@ def main() -> None:
         for spec in args.specs:
             options = {"groups": args.groups} if args.groups and spec in ("gn_ws", "gn") else {}
             converted = normswap.convert(original.eval(), spec, **options)
-            row = {"converted": accuracy(converted, vx, vy)}
-            for budget in args.budgets:
-                cal = copy.deepcopy(converted)
-                report = normswap.calibrate(cal, original, unlabeled(x), seconds=budget)
-                tuned = copy.deepcopy(converted)
-                steps = train_labels(tuned, x, y, seconds=budget)
-                row[budget] = (accuracy(cal, vx, vy), report.steps, accuracy(tuned, vx, vy), steps)
-            parts = [f"{b:g} s: calibrated {c:.3f} ({c / base:.1%}, {cs} steps) | labels {f:.3f} ({f / base:.1%}, "
-                     f"{fs} steps)" for b, (c, cs, f, fs) in ((b, row[b]) for b in args.budgets)]
-            print(f"  {spec}: converted {row['converted']:.3f}; " + "; ".join(parts), flush=True)
+            row: dict = {"converted": accuracy(converted, vx, vy)}
+            for budget in args.budgets:  # every method from the same converted weights, one after the other
+                for method in methods:
+                    model = copy.deepcopy(converted)
+                    if method.startswith("calibrate"):
+                        steps = normswap.calibrate(model, original, unlabeled(x), seconds=budget,
+                                                   params=method.split()[1]).steps
+                    else:
+                        steps = train_labels(model, x, y, seconds=budget, lr=float(method.split()[-1]))
+                    row[method, budget] = (accuracy(model, vx, vy), steps)
+            for method in methods:
+                cells = "; ".join(f"{b:g} s {row[method, b][0]:.3f} ({row[method, b][1]} steps)" for b in args.budgets)
+                print(f"  {spec}: converted {row['converted']:.3f}; {method}: {cells}", flush=True)
             lines.append((MODELS[name], base, spec + (f" groups={args.groups}" if options else ""), row))
     print(f"\n### Calibration ({datetime.date.today()}, torch {torch.__version__}, {torch.get_num_threads()} "
           "CPU threads)\n")
-    head = " | ".join(f"{b:g} s calibrated / labels" for b in args.budgets)
-    print(f"| model | original | spec | converted | {head} |")
-    print("|---|---|---|---|" + "---|" * len(args.budgets))
+    print("Validation accuracy after each time budget; the last column is the first budget at which each "
+          "method reached 99% of the original's accuracy.\n")
+    head = " | ".join(f"{b:g} s" for b in args.budgets)
+    print(f"| model (original) | spec (converted) | method | {head} | 99% at |")
+    print("|---|---|---|" + "---|" * len(args.budgets) + "---|")
     for model, base, spec, row in lines:
-        cells = " | ".join(f"{row[b][0]:.3f} / {row[b][2]:.3f}" for b in args.budgets)
-        print(f"| {model} | {base:.3f} | {spec} | {row['converted']:.3f} | {cells} |")
+        for method in methods:
+            cells = " | ".join(f"{row[method, b][0]:.3f}" for b in args.budgets)
+            reached = next((f"{b:g} s" for b in args.budgets if row[method, b][0] >= 0.99 * base), "not within "
+                           f"{args.budgets[-1]:g} s")
+            print(f"| {model} ({base:.3f}) | {spec} ({row['converted']:.3f}) | {method} | {cells} | {reached} |")
 
 
 if __name__ == "__main__":

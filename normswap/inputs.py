@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import contextlib
 import contextvars
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -153,3 +154,24 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, str]:
         return fn(), ""
     except Exception as exc:  # a model that cannot run perturbed has no measurable floor
         return None, f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; every module's own mode is put back after.
+
+    Example:
+        >>> net = nn.Sequential(nn.Dropout()).train()
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

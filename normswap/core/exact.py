@@ -10,7 +10,6 @@ zero-mean input and the RMSNorm that replaces it computes the same thing.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..errors import ConversionError, OptionError
 from ..graph.residual import Stream, find_stream
-from ..inputs import Inputs, example_inputs, map_inputs, noise_floor, rel_diff, run, split_inputs, tolerance
+from ..inputs import Inputs, eval_mode, example_inputs, map_inputs, noise_floor, rel_diff, run, split_inputs, tolerance
 from .plan import Change, Plan
 
 CENTERED = "CenteredRMSNorm"
@@ -90,7 +89,7 @@ def plan_exact(model: nn.Module, plan: Plan, inputs: Any | None, exact: bool | d
                                       f"stream, and the forward pass failed ({type(exc).__name__}: {exc}); pass "
                                       "example_inputs= that the model takes") from exc
 
-        with _eval_mode(model):
+        with eval_mode(model):
             stream = find_stream(model, forward, readers)
     else:
         stream = Stream()
@@ -158,20 +157,8 @@ class _Snapshot:
             self.target.config = self.config
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """``model`` in eval mode for the block; every module's own mode is put back after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def _eval_output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return run(model, inputs).detach().clone()
 
 
@@ -191,7 +178,7 @@ def apply_verified(plan: Plan, target: nn.Module, inputs: Any | None, apply: Cal
     diff = rel_diff(after, before)
     tol = tolerance(before.dtype)
     if diff > tol:  # only then is the conditioning worth a copy of the model
-        with _eval_mode(target):
+        with eval_mode(target):
             tol = max(tol, 10 * noise_floor(target, split, after, before.dtype))
     if diff > tol:
         if snapshot is not None:

@@ -20,7 +20,7 @@ from ..errors import OptionError
 from ..specs import get_spec
 from ..core.state import conversions_of, last_plan
 from ..inputs import Inputs, map_inputs, output_tensor, tolerance
-from ..inputs import noise_floor as _noise_floor, rel_diff as _rel_diff, run as _run
+from ..inputs import noise_floor, rel_diff, run as run_model
 from .registry import Context, check, registered
 from .report import ValidationReport
 
@@ -37,7 +37,7 @@ def _module_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, lis
                     pass
             hooks.append(module.register_forward_hook(hook))
     try:
-        out = _run(model, inputs)
+        out = run_model(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -69,7 +69,7 @@ def first_divergent(original: nn.Module, converted: nn.Module, inputs: Inputs, t
             if not (r.dim() and r.shape[1:] == t.shape[1:] and r.shape[0] > t.shape[0]):
                 continue
             r = r[: t.shape[0]]
-        if _rel_diff(t, r) > tol:
+        if rel_diff(t, r) > tol:
             return path
     return ""
 
@@ -138,7 +138,7 @@ def _param_aliases(name: str) -> list[str]:
 
 def _backward(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    out = _run(model, inputs)
+    out = run_model(model, inputs)
     out.float().square().mean().backward()
     return out
 
@@ -156,7 +156,7 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, str]:
 def check_finite(report: ValidationReport, converted: nn.Module, inputs: Inputs) -> None:
     for mode in ("train", "eval"):
         model = copy.deepcopy(converted).train(mode == "train")
-        out, error = _try(lambda: _backward(model, inputs) if mode == "train" else _run(model, inputs))
+        out, error = _try(lambda: _backward(model, inputs) if mode == "train" else run_model(model, inputs))
         name = f"finite ({mode})"
         if error:
             report.add(name, "fail", f"forward{'/backward' if mode == 'train' else ''} raised {error}")
@@ -198,14 +198,14 @@ def check_outputs(report: ValidationReport, original: nn.Module, converted: nn.M
         orig = _norms_train_rest_eval(copy.deepcopy(original)) if mode == "train" else copy.deepcopy(original).eval()
         conv = _norms_train_rest_eval(copy.deepcopy(converted)) if mode == "train" else copy.deepcopy(converted).eval()
         with torch.no_grad():
-            (a, e1), (b, e2) = _try(lambda: _run(orig, inputs)), _try(lambda: _run(conv, inputs))
+            (a, e1), (b, e2) = _try(lambda: run_model(orig, inputs)), _try(lambda: run_model(conv, inputs))
         name = f"outputs ({mode})"
         if e1 or e2:
             report.add(name, "fail" if e2 else "skip", f"forward raised {e2 or e1}")
             continue
-        diff = _rel_diff(b, a)
+        diff = rel_diff(b, a)
         must = preserves == "yes" or (preserves == "eval" and mode == "eval")
-        tol = max(tolerance(dtype), 10 * _noise_floor(orig, inputs, a, dtype)) if must else tolerance(dtype)
+        tol = max(tolerance(dtype), 10 * noise_floor(orig, inputs, a, dtype)) if must else tolerance(dtype)
         if must and diff > tol:
             report.add(name, "fail", f"max |diff| / max |original| = {diff:.3g} > {tol:.2g} (the spec preserves "
                        f"computation{' in eval mode' if preserves == 'eval' else ''})",
@@ -246,13 +246,13 @@ def check_batch_independence(report: ValidationReport, converted: nn.Module, inp
         return
     model = _norms_train_rest_eval(copy.deepcopy(converted))
     with torch.no_grad():
-        full = _run(model, inputs)[:1]
+        full = run_model(model, inputs)[:1]
         first = _first_sample(inputs, batch)
-        alone = _run(model, first)
-    diff = _rel_diff(full, alone)
+        alone = run_model(model, first)
+    diff = rel_diff(full, alone)
     # a batch of one may take other conv / matmul algorithms than a batch of several: rounding-level
     # differences, which a deep model amplifies as much as it amplifies weights moved by a few ulp
-    tol = max(tolerance(dtype), 10 * _noise_floor(model, first, alone, dtype))
+    tol = max(tolerance(dtype), 10 * noise_floor(model, first, alone, dtype))
     if diff > tol:
         report.add("batch independence", "fail", f"sample 0 changes with its batch mates in train mode by {diff:.3g} > {tol:.2g}",
                    first_divergent(model, model, inputs, tol, first), diff)
@@ -290,7 +290,7 @@ def _local_errors(model: nn.Module, inputs: Inputs, device: torch.device, dtype:
     hooks = [m.register_forward_hook(keep(p)) for p, m in layers.items()]
     try:
         with torch.no_grad():
-            _run(model, inputs)
+            run_model(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -312,14 +312,14 @@ def check_autocast(report: ValidationReport, original: nn.Module, converted: nn.
     it compounds layer by layer, so it is a figure, not a criterion."""
     model = copy.deepcopy(converted).eval()
     with torch.no_grad():
-        ref = _run(model, inputs)
+        ref = run_model(model, inputs)
     for dtype in dtypes:
         name = f"autocast {str(dtype).removeprefix('torch.')}"
 
         def run(m: nn.Module) -> torch.Tensor:
             m = copy.deepcopy(m).eval()
             with torch.autocast(device.type, dtype=dtype):
-                out = _run(m, inputs)
+                out = run_model(m, inputs)
                 out.float().square().mean().backward()
             return out
 
@@ -341,7 +341,7 @@ def check_autocast(report: ValidationReport, original: nn.Module, converted: nn.
         tol = 8 * torch.finfo(dtype).eps
         worst = max(local, key=lambda pe: pe[1], default=("", 0.0))
         bad = [(p, e) for p, e in local if e > tol]
-        drift = _rel_diff(out, ref)
+        drift = rel_diff(out, ref)
         if bad:
             report.add(name, "fail", f"{len(bad)} layer(s) off their fp32 result by more than {tol:.2g} (first: "
                        f"{bad[0][1]:.3g}); end to end {drift:.3g}", bad[0][0], bad[0][1])
@@ -357,7 +357,7 @@ def check_compile(report: ValidationReport, original: nn.Module, converted: nn.M
     def run(m: nn.Module) -> torch.Tensor:
         compiled = torch.compile(copy.deepcopy(m).eval())
         with torch.no_grad():
-            return _run(compiled, inputs)
+            return run_model(compiled, inputs)
 
     out, error = _try(lambda: run(converted))
     if error:
@@ -366,8 +366,8 @@ def check_compile(report: ValidationReport, original: nn.Module, converted: nn.M
                    f"raised {error}" + (" (the original model too)" if orig_error else ""))
         return
     with torch.no_grad():
-        ref = _run(model, inputs)
-    diff, tol = _rel_diff(out, ref), 16 * tolerance(dtype)
+        ref = run_model(model, inputs)
+    diff, tol = rel_diff(out, ref), 16 * tolerance(dtype)
     report.add("torch.compile", "pass" if diff <= tol else "fail",
                f"compiled vs eager: {diff:.3g} (tolerance {tol:.1g})", value=diff)
 
@@ -377,9 +377,9 @@ def _channels_last_diff(model: nn.Module, inputs: Inputs) -> tuple[float | None,
     cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     cl_inputs = map_inputs(inputs, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     with torch.no_grad():
-        ref = _run(plain, inputs)
-        out, error = _try(lambda: _run(cl, cl_inputs))
-    return (None if error else _rel_diff(out, ref)), error, plain, cl
+        ref = run_model(plain, inputs)
+        out, error = _try(lambda: run_model(cl, cl_inputs))
+    return (None if error else rel_diff(out, ref)), error, plain, cl
 
 
 def check_channels_last(report: ValidationReport, original: nn.Module, converted: nn.Module, inputs: Inputs,
@@ -407,14 +407,14 @@ def check_devices(report: ValidationReport, converted: nn.Module, inputs: Inputs
     tf32 = _tf32_off()
     try:
         with torch.no_grad():
-            ref = _run(a, map_inputs(inputs, lambda t: t.to(reference)))
-            out, error = _try(lambda: _run(b, map_inputs(inputs, lambda t: t.to(device))))
+            ref = run_model(a, map_inputs(inputs, lambda t: t.to(reference)))
+            out, error = _try(lambda: run_model(b, map_inputs(inputs, lambda t: t.to(device))))
     finally:
         _tf32_restore(tf32)
     if error:
         report.add(name, "fail", f"raised {error}")
         return
-    diff, tol = _rel_diff(out, ref), 16 * tolerance(dtype)
+    diff, tol = rel_diff(out, ref), 16 * tolerance(dtype)
     report.add(name, "pass" if diff <= tol else "fail", f"{diff:.3g} apart (tolerance {tol:.1g}, TF32 off)", value=diff)
 
 
