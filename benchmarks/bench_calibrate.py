@@ -76,13 +76,11 @@ def train_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seconds:
     return done
 
 
-def unlabeled(x: torch.Tensor, batch: int = 64, seed: int = 0):
-    """Shuffled unlabeled batches of the training images, as calibrate takes them (re-iterable)."""
-    class Batches:
-        def __iter__(self):
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-            return iter([x[perm[i:i + batch]] for i in range(0, len(x), batch)])
-    return Batches()
+def unlabeled(x: torch.Tensor, batch: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    """The training images in shuffled unlabeled batches, as calibrate takes them: a list, so calibrate
+    computes the original's outputs once and reuses them on later passes."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [x[perm[i:i + batch]] for i in range(0, len(x), batch)]
 
 
 def build(name: str) -> nn.Module:

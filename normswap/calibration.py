@@ -30,6 +30,7 @@ PARAMS = ("norms", "all")
 # measured on BatchNorm CNNs converted to GroupNorm + WS (benchmarks/bench_calibrate.py): 1e-2 / 1e-4 reach
 # 99% of the original's accuracy two to four times later; lower "all" for large pretrained transformers
 DEFAULT_LR = {"norms": 3e-2, "all": 1e-3}
+NORMS_IN_ALL = 30  # with params="all", the converted norms' parameters train at this multiple of the rate
 
 
 @dataclass(frozen=True)
@@ -95,27 +96,66 @@ class _Batches:
                 raise OptionError("data holds no batch")
 
 
-def _trainable(converted: nn.Module, params: str) -> list[nn.Parameter]:
+def _norm_params(converted: nn.Module) -> list[nn.Parameter] | None:
+    """The floating-point parameters of the norms the conversion replaced (None: not a normswap conversion)."""
+    plan = last_plan(converted)
+    if plan is None:
+        return None
+    seen: set[int] = set()
+    chosen = []
+    for change in plan.replaced:
+        for p in converted.get_submodule(change.path).parameters():
+            if id(p) not in seen and p.is_floating_point():
+                seen.add(id(p))
+                chosen.append(p)
+    return chosen
+
+
+def _param_groups(converted: nn.Module, params: str, rate: float) -> list[dict]:
+    """What to train, as optimizer groups: the converted norms' parameters (``norms``), or every parameter
+    (``all``), the converted norms' at ``NORMS_IN_ALL`` times the rate of the rest."""
     if params not in PARAMS:
         raise OptionError(f"params must be one of {PARAMS}, got {params!r}")
-    if params == "all":
-        chosen = [p for p in converted.parameters() if p.is_floating_point()]
-    else:
-        plan = last_plan(converted)
-        if plan is None:
+    norms = _norm_params(converted)
+    if params == "norms":
+        if norms is None:
             raise NormSwapError(f"{type(converted).__name__} was not made by normswap.convert (or loaded by "
                                 "normswap.load), so its converted norms are unknown; pass params='all'")
-        seen: set[int] = set()
-        chosen = []
-        for change in plan.replaced:
-            for p in converted.get_submodule(change.path).parameters():
-                if id(p) not in seen and p.is_floating_point():
-                    seen.add(id(p))
-                    chosen.append(p)
-    if not chosen:
+        groups = [{"params": norms, "lr": rate}]
+    else:
+        in_norms = {id(p) for p in norms or ()}
+        rest = [p for p in converted.parameters() if p.is_floating_point() and id(p) not in in_norms]
+        groups = [{"params": norms or [], "lr": rate * NORMS_IN_ALL}, {"params": rest, "lr": rate}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise NormSwapError(f"{type(converted).__name__}: no parameter to calibrate with params={params!r} (its "
                             "converted norms have no affine parameters); pass params='all'")
-    return chosen
+    return groups
+
+
+class _Teacher:
+    """The original's outputs for training batches. Data held in memory (a list or tuple of batches, or a
+    one-shot iterator kept on its first pass) gives the same batch objects on every pass: each one's output
+    is computed once and reused (up to ``limit`` bytes of outputs), so later passes cost what fine-tuning
+    with labels costs."""
+
+    def __init__(self, original: nn.Module, to_original, field: str | None, reuse: bool, limit: int = 2**30) -> None:
+        self.original, self.to_original, self.field = original, to_original, field
+        self.reuse, self.limit, self.bytes = reuse, limit, 0
+        self.kept: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def __call__(self, batch: Any, inputs: Inputs) -> torch.Tensor:
+        hit = self.kept.get(id(batch))
+        if hit is not None and hit[0] is batch:
+            return hit[1]
+        with torch.no_grad():
+            args, kwargs = self.to_original(inputs)
+            target = output_tensor(self.original(*args, **kwargs), self.field).detach()
+        size = target.numel() * target.element_size()
+        if self.reuse and self.bytes + size <= self.limit:
+            self.kept[id(batch)] = (batch, target)  # the batch is held, so its id cannot be reused
+            self.bytes += size
+        return target
 
 
 def _same_shape(out: torch.Tensor, target: torch.Tensor) -> None:
@@ -169,8 +209,9 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
     of a structured output; by default ``logits``, ``last_hidden_state`` or the first tensor). Training
     stops after ``seconds`` or ``steps`` (whichever comes first; one pass over the data when neither is
     given). ``params="norms"`` trains the affine parameters of the norms the conversion replaced (Adam, lr
-    3e-2), ``params="all"`` every parameter (lr 1e-3: faster, and closer in the end; for a large pretrained
-    transformer pass a lower ``lr`` such as 1e-5). Both models run in eval mode (no dropout); their
+    3e-2), ``params="all"`` every parameter (lr 1e-3, the converted norms' at 30 times that: faster, and
+    closer in the end; for a large pretrained transformer pass a lower ``lr`` such as 1e-5). Data held in
+    memory (a list of batches) has the original's outputs computed once and reused on later passes. Both models run in eval mode (no dropout); their
     modes and ``requires_grad`` flags are put back, and ``original`` is not changed.
 
     The report gives the output MSE and the top-1 agreement with the original on the first ``eval_batches``
@@ -197,29 +238,33 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
         raise OptionError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(eval_batches, int) and eval_batches >= 1):
         raise OptionError(f"eval_batches must be a positive integer, got {eval_batches!r}")
-    trainable = _trainable(converted, params)
+    if params not in PARAMS:
+        raise OptionError(f"params must be one of {PARAMS}, got {params!r}")
     rate = DEFAULT_LR[params] if lr is None else lr
-    if not (isinstance(rate, (int, float)) and rate > 0):
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 and math.isfinite(rate)):
         raise OptionError(f"lr must be a positive number, got {lr!r}")
+    groups = _param_groups(converted, params, float(rate))
+    trainable = [p for g in groups for p in g["params"]]
     dev_c, dev_o = _device(converted), _device(original)
     to_c = lambda b: map_inputs(b, lambda t: t.to(dev_c))  # noqa: E731
     to_o = lambda b: map_inputs(b, lambda t: t.to(dev_o))  # noqa: E731
 
     stream = _Batches(data)
     batches = iter(stream)
-    first: list[Inputs] = []
+    first: list[tuple[Any, Inputs]] = []
     while len(first) < eval_batches:
         batch = next(batches)
         if stream.epochs:  # fewer batches than eval_batches: this one is the first again
             pending_wrap = batch
             break
-        first.append(_as_inputs(batch, f"data batch {len(first)}"))
+        first.append((batch, _as_inputs(batch, f"data batch {len(first)}")))
     else:
         pending_wrap = None
     one_pass = steps is None and seconds is None
 
-    def next_inputs(done: int) -> Inputs | None:
-        """The next training batch: the measured ones first, then the rest; None at the end of one pass."""
+    def next_batch(done: int) -> tuple[Any, Inputs] | None:
+        """The next training batch and its inputs: the measured ones first, then the rest; None at the end
+        of one pass."""
         nonlocal pending_wrap
         if done < len(first):
             return first[done]
@@ -229,19 +274,20 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
             batch = next(batches)
         if one_pass and stream.epochs:
             return None
-        return _as_inputs(batch, f"data batch {done}")
+        return batch, _as_inputs(batch, f"data batch {done}")
 
     flags = {p: p.requires_grad for p in converted.parameters()}
     try:
         with eval_mode(converted), eval_mode(original):
-            measure = _Measure(first, original, to_o, output)
+            measure = _Measure([inputs for _, inputs in first], original, to_o, output)
+            teacher = _Teacher(original, to_o, output, reuse=stream.one_shot or isinstance(data, (list, tuple)))
             before = measure(converted, to_c)
             start = time.perf_counter()  # the budget is for training; measuring is not counted
             for p in converted.parameters():
                 p.requires_grad_(False)
             for p in trainable:
                 p.requires_grad_(True)
-            optimizer = torch.optim.Adam(trainable, lr=rate)
+            optimizer = torch.optim.Adam(groups)
             done, stopped = 0, "one pass over the data"
             while True:
                 if steps is not None and done >= steps:
@@ -250,13 +296,11 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
                 if seconds is not None and time.perf_counter() - start >= seconds:
                     stopped = f"{seconds:g} s"
                     break
-                inputs = next_inputs(done)
-                if inputs is None:
+                step = next_batch(done)
+                if step is None:
                     break
-                with torch.no_grad():
-                    a, k = to_o(inputs)
-                    target = output_tensor(original(*a, **k), output).detach()
-                a, k = to_c(inputs)
+                target = teacher(*step)
+                a, k = to_c(step[1])
                 out = output_tensor(converted(*a, **k), output)
                 _same_shape(out, target)
                 loss = (out.float() - target.to(out.device).float()).square().mean()

@@ -152,6 +152,51 @@ def test_any_iterable_of_batches_in_any_form(digits, pretrained):
     assert report.stopped == "0.5 s" and report.seconds < 30
 
 
+def test_outputs_of_batches_held_in_memory_are_computed_once(digits, pretrained):
+    """A list of batches (or a generator, replayed from memory) gives the original the same batches on every
+    pass: it runs once per batch, plus the measurement; a DataLoader's batches are new objects every pass."""
+    (x, _), _ = digits
+    converted = normswap.convert(pretrained, "gn_ws")
+    calls = []
+    hook = pretrained.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        batches = _batches(x, 64)  # 4 batches; 10 steps go round them two and a half times
+        for data in (batches, (b for b in batches)):
+            calls.clear()
+            normswap.calibrate(copy.deepcopy(converted), pretrained, data, steps=10, eval_batches=1)
+            assert len(calls) == 1 + len(batches)
+        calls.clear()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
+        normswap.calibrate(copy.deepcopy(converted), pretrained, loader, steps=10, eval_batches=1)
+        assert len(calls) == 1 + 10
+    finally:
+        hook.remove()
+    # reused outputs train exactly as recomputed ones do (the original is deterministic in eval mode)
+    a, b = copy.deepcopy(converted), copy.deepcopy(converted)
+    normswap.calibrate(a, pretrained, batches, steps=10)
+    normswap.calibrate(b, pretrained, [t.clone() for t in batches * 3], steps=10)  # new objects: recomputed
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_params_all_trains_the_converted_norms_faster():
+    """With params="all" every parameter trains, the converted norms' at NORMS_IN_ALL times the rate: one
+    Adam step moves each parameter by about its group's rate."""
+    from normswap.calibration import DEFAULT_LR, NORMS_IN_ALL
+
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    original[1].running_var.fill_(2.0)
+    converted = normswap.convert(original, "gn", groups=2)
+    before = copy.deepcopy(converted)
+    normswap.calibrate(converted, original, [torch.randn(16, 3, 8, 8)], steps=1, params="all")
+    old = dict(before.named_parameters())
+    step = {n: float((p.detach() - old[n].detach()).abs().max()) for n, p in converted.named_parameters()}
+    lr = DEFAULT_LR["all"]
+    assert step["1.weight"] == pytest.approx(lr * NORMS_IN_ALL, rel=1e-3)
+    assert step["3.weight"] == pytest.approx(lr, rel=1e-3) and step["0.weight"] == pytest.approx(lr, rel=1e-3)
+
+
 def test_bad_calls_are_one_clear_error(pretrained):
     converted = normswap.convert(pretrained, "gn")
     x = torch.randn(4, 3, SIZE, SIZE)
