@@ -152,6 +152,7 @@ def test_any_iterable_of_batches_in_any_form(digits, pretrained):
     assert report.stopped == "0.5 s" and report.seconds < 30
 
 
+@pytest.mark.long
 def test_outputs_of_batches_held_in_memory_are_computed_once(digits, pretrained):
     """A list of batches (or a generator, replayed from memory) gives the original the same batches on every
     pass: it runs once per batch, plus the measurement; a DataLoader's batches are new objects every pass."""
