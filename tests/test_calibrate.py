@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import normswap
-from normswap.finetune.data import Unlabeled, builtin
+from normswap.finetune.data import builtin
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
