@@ -113,9 +113,8 @@ def _norm_params(converted: nn.Module) -> list[nn.Parameter] | None:
 
 def _param_groups(converted: nn.Module, params: str, rate: float) -> list[dict]:
     """What to train, as optimizer groups: the converted norms' parameters (``norms``), or every parameter
-    (``all``), the converted norms' at ``NORMS_IN_ALL`` times the rate of the rest."""
-    if params not in PARAMS:
-        raise OptionError(f"params must be one of {PARAMS}, got {params!r}")
+    (``all``), the converted norms' at ``NORMS_IN_ALL`` times the rate of the rest (``params`` checked by
+    the caller)."""
     norms = _norm_params(converted)
     if params == "norms":
         if norms is None:
@@ -211,8 +210,9 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
     given). ``params="norms"`` trains the affine parameters of the norms the conversion replaced (Adam, lr
     3e-2), ``params="all"`` every parameter (lr 1e-3, the converted norms' at 30 times that: faster, and
     closer in the end; for a large pretrained transformer pass a lower ``lr`` such as 1e-5). Data held in
-    memory (a list of batches) has the original's outputs computed once and reused on later passes. Both models run in eval mode (no dropout); their
-    modes and ``requires_grad`` flags are put back, and ``original`` is not changed.
+    memory (a list of batches) has the original's outputs computed once and reused on later passes. Both
+    models run in eval mode (no dropout); their modes and ``requires_grad`` flags are put back, and
+    ``original`` is not changed.
 
     The report gives the output MSE and the top-1 agreement with the original on the first ``eval_batches``
     batches, before and after (measuring them is not counted in ``seconds``).
