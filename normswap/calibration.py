@@ -197,6 +197,33 @@ class _Measure:
         return Agreement(mse=sq / max(count, 1), top1=same / max(rows, 1))
 
 
+def _train(converted: nn.Module, groups: list[dict], next_batch, teacher: _Teacher, to_converted,
+           output: str | None, steps: int | None, seconds: float | None) -> tuple[int, str, float]:
+    """Adam on ``groups``, the converted model's outputs against the original's (MSE), until the budget or
+    one pass over the data ends: the steps taken, why it stopped, and the seconds spent."""
+    optimizer = torch.optim.Adam(groups)
+    start = time.perf_counter()
+    done = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if steps is not None and done >= steps:
+            return done, f"{steps} steps", elapsed
+        if seconds is not None and elapsed >= seconds:
+            return done, f"{seconds:g} s", elapsed
+        step = next_batch(done)
+        if step is None:
+            return done, "one pass over the data", elapsed
+        target = teacher(*step)
+        args, kwargs = to_converted(step[1])
+        out = output_tensor(converted(*args, **kwargs), output)
+        _same_shape(out, target)
+        loss = (out.float() - target.to(out.device).float()).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done += 1
+
+
 def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *, seconds: float | None = None,
               steps: int | None = None, params: str = "norms", lr: float | None = None, eval_batches: int = 4,
               output: str | None = None) -> CalibrationReport:
@@ -282,33 +309,12 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
             measure = _Measure([inputs for _, inputs in first], original, to_o, output)
             teacher = _Teacher(original, to_o, output, reuse=stream.one_shot or isinstance(data, (list, tuple)))
             before = measure(converted, to_c)
-            start = time.perf_counter()  # the budget is for training; measuring is not counted
             for p in converted.parameters():
                 p.requires_grad_(False)
             for p in trainable:
                 p.requires_grad_(True)
-            optimizer = torch.optim.Adam(groups)
-            done, stopped = 0, "one pass over the data"
-            while True:
-                if steps is not None and done >= steps:
-                    stopped = f"{steps} steps"
-                    break
-                if seconds is not None and time.perf_counter() - start >= seconds:
-                    stopped = f"{seconds:g} s"
-                    break
-                step = next_batch(done)
-                if step is None:
-                    break
-                target = teacher(*step)
-                a, k = to_c(step[1])
-                out = output_tensor(converted(*a, **k), output)
-                _same_shape(out, target)
-                loss = (out.float() - target.to(out.device).float()).square().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-            seconds_spent = time.perf_counter() - start
+            done, stopped, seconds_spent = _train(converted, groups, next_batch, teacher, to_c, output,
+                                                  steps, seconds)
             after = measure(converted, to_c)
     finally:
         for p, flag in flags.items():

@@ -40,14 +40,9 @@ def one(item: tuple[str, str, str, bool], report=lambda partial: None) -> dict:
     name, spec, kind, shallow = item
     torch.set_num_threads(1)
     start = time.time()
-    built_with = {}
+    built_with: dict = {}
     try:
-        if shallow:
-            from timm_zoo import build, shallow_kwargs
-
-            with torch.device("meta"):
-                built_with = shallow_kwargs(name, build(name))
-        status = check_timm(name, spec, kind, small=True, shallow=shallow)
+        status = check_timm(name, spec, kind, small=True, shallow=shallow, built_with=built_with)
         error = ""
     except BaseException as exc:  # noqa: BLE001 - the failure is the result
         status, error = "fail", f"{type(exc).__name__}: {str(exc)[:400]}"

@@ -66,16 +66,19 @@ def build(name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def build_small(name: str, shallow: bool = False) -> tuple[nn.Module, tuple[int, int, int]]:
+def build_small(name: str, shallow: bool = False, built_with: dict | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
     """``name`` built once, and its input size; a model whose input size is fixed (ViTs' position embeddings)
     is built for a smaller image (``img_size=``) when it takes one and runs on it, which the norms do not
-    care about. ``shallow`` also cuts its depth (``shallow_kwargs``) where that keeps every module class."""
+    care about. ``shallow`` also cuts its depth (``shallow_kwargs``) where that keeps every module class;
+    the depth arguments used are written into ``built_with``."""
     try:
         with torch.device("meta"):
             probe = build(name)
     except Exception:  # noqa: BLE001 - computes values while building: read its config from a real build
         probe = build(name)
     kwargs = shallow_kwargs(name, probe) if shallow else {}
+    if built_with is not None:
+        built_with.update(kwargs)
     c, h, w = input_size(probe)
     if max(h, w) > MAX_SIDE:
         for side in (MAX_SIDE, 128, 192):
@@ -132,13 +135,14 @@ def has_norm_cheap(name: str, kind: str) -> bool:
         return has_norm(build(name), kind)
 
 
-def check_timm(name: str, spec: str, kind: str, small: bool = False, shallow: bool = False) -> str:
+def check_timm(name: str, spec: str, kind: str, small: bool = False, shallow: bool = False,
+               built_with: dict | None = None) -> str:
     """Convert timm ``name`` with ``spec`` and run the zoo checks; returns 'ok' or 'no-norm'. ``small`` builds
     models of a fixed input size for a smaller one where they allow it (the sweeps), ``shallow`` with fewer
-    blocks where every module class stays (``shallow_kwargs``)."""
+    blocks where every module class stays (``shallow_kwargs``; the arguments used go into ``built_with``)."""
     if not has_norm_cheap(name, kind):
         return "no-norm"
-    model, (c, h, w) = build_small(name, shallow) if small or shallow else (build(name), (None, None, None))
+    model, (c, h, w) = build_small(name, shallow, built_with) if small or shallow else (build(name), (None, None, None))
     plan = normswap.plan(model, spec)
     missing = unplanned_norms(model, plan, spec)
     assert not missing, f"{len(missing)} {kind} norm(s) without a plan row: {missing[:5]}"
