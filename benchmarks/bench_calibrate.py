@@ -7,9 +7,10 @@ A BatchNorm model is trained here on the built-in images (ten procedurally drawn
 no download) to convergence (one-cycle schedule). Each spec converts it; then, from the same converted
 weights, side by side for each time budget: ``normswap.calibrate`` on the unlabeled training images
 (``params="norms"``: affine parameters of the converted norms; ``params="all"``), and fine-tuning with
-labels (every parameter, AdamW, cross-entropy) at each learning rate given. Printed: validation accuracy
-of the original, the converted model and each method at each budget, and the first budget at which each
-method reaches 99% of the original's accuracy.
+labels (every parameter, AdamW, cross-entropy) at each learning rate given, each ``--seeds`` times with its
+own order of the batches (single runs at a few seconds vary by a few points). Printed: validation accuracy
+of the original, the converted model and each method at each budget (the mean over the runs), and the
+first budget at which each method reaches 99% of the original's accuracy.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main() -> None:
                         help="what calibrate trains (each at its default learning rate)")
     parser.add_argument("--label-lrs", nargs="+", type=float, default=[1e-3, 3e-3],
                         help="learning rates of the fine-tuning with labels (each one a column)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs per method and budget, each with its own order of the batches; the mean is printed")
     parser.add_argument("--train-steps", type=int, default=1500, help="steps training the original (one cycle)")
     parser.add_argument("--groups", type=int, default=None, help="groups= for gn_ws and gn (default: the spec's 32)")
     parser.add_argument("--cache", default=None, help="a folder keeping the trained originals between runs")
@@ -152,21 +155,25 @@ def main() -> None:
                 continue
             for budget in args.budgets:  # every method from the same converted weights, one after the other
                 for method in methods:
-                    model = copy.deepcopy(converted)
-                    if method.startswith("calibrate"):
-                        steps = normswap.calibrate(model, original, unlabeled(x), seconds=budget,
-                                                   params=method.split()[1]).steps
-                    else:
-                        steps = train_labels(model, x, y, seconds=budget, lr=float(method.split()[-1]))
-                    row[method, budget] = (accuracy(model, vx, vy), steps)
+                    runs = []
+                    for seed in range(args.seeds):  # the order of the batches; accuracy is their mean
+                        model = copy.deepcopy(converted)
+                        if method.startswith("calibrate"):
+                            steps = normswap.calibrate(model, original, unlabeled(x, seed=seed), seconds=budget,
+                                                       params=method.split()[1]).steps
+                        else:
+                            steps = train_labels(model, x, y, seconds=budget, lr=float(method.split()[-1]),
+                                                 seed=seed)
+                        runs.append((accuracy(model, vx, vy), steps))
+                    row[method, budget] = tuple(sum(r[i] for r in runs) / len(runs) for i in (0, 1))
             for method in methods:
-                cells = "; ".join(f"{b:g} s {row[method, b][0]:.3f} ({row[method, b][1]} steps)" for b in args.budgets)
+                cells = "; ".join(f"{b:g} s {row[method, b][0]:.3f} ({row[method, b][1]:.0f} steps)" for b in args.budgets)
                 print(f"  {spec}: converted {row['converted']:.3f}; {method}: {cells}", flush=True)
             lines.append((MODELS[name], base, spec + (f" groups={args.groups}" if options else ""), row))
     clock = "CPU seconds of one thread" if args.clock == "cpu" else f"wall seconds, {torch.get_num_threads()} threads"
     print(f"\n### Calibration ({datetime.date.today()}, torch {torch.__version__}, budgets in {clock})\n")
-    print("Validation accuracy after each time budget; the last column is the first budget at which each "
-          "method reached 99% of the original's accuracy.\n")
+    print(f"Validation accuracy after each time budget, mean of {args.seeds} runs; the last column is the first "
+          "budget at which each method reached 99% of the original's accuracy.\n")
     head = " | ".join(f"{b:g} s" for b in args.budgets)
     print(f"| model (original) | spec (converted) | method | {head} | 99% at |")
     print("|---|---|---|" + "---|" * len(args.budgets) + "---|")
