@@ -147,14 +147,18 @@ class _Teacher:
         hit = self.kept.get(id(batch))
         if hit is not None and hit[0] is batch:
             return hit[1]
-        with torch.no_grad():
-            args, kwargs = self.to_original(inputs)
-            target = output_tensor(self.original(*args, **kwargs), self.field).detach()
+        target = self.compute(inputs)
         size = target.numel() * target.element_size()
         if self.reuse and self.bytes + size <= self.limit:
             self.kept[id(batch)] = (batch, target)  # the batch is held, so its id cannot be reused
             self.bytes += size
         return target
+
+    def compute(self, inputs: Inputs) -> torch.Tensor:
+        """The original's output for ``inputs``, computed now (nothing kept)."""
+        with torch.no_grad():
+            args, kwargs = self.to_original(inputs)
+            return output_tensor(self.original(*args, **kwargs), self.field).detach()
 
 
 def _same_shape(out: torch.Tensor, target: torch.Tensor) -> None:
@@ -179,11 +183,9 @@ def _agreement(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, int
 class _Measure:
     """Agreement over a fixed set of batches, with the original's outputs computed once."""
 
-    def __init__(self, batches: list[Inputs], original: nn.Module, to_original, field: str | None) -> None:
-        self.batches, self.field = batches, field
-        with torch.no_grad():
-            self.targets = [output_tensor(original(*a, **k), field).detach()
-                            for a, k in (to_original(b) for b in batches)]
+    def __init__(self, batches: list[Inputs], teacher: _Teacher) -> None:
+        self.batches, self.field = batches, teacher.field
+        self.targets = [teacher.compute(b) for b in batches]
 
     def __call__(self, converted: nn.Module, to_converted) -> Agreement:
         sq = count = same = rows = 0
@@ -306,8 +308,8 @@ def calibrate(converted: nn.Module, original: nn.Module, data: Iterable[Any], *,
     flags = {p: p.requires_grad for p in converted.parameters()}
     try:
         with eval_mode(converted), eval_mode(original):
-            measure = _Measure([inputs for _, inputs in first], original, to_o, output)
             teacher = _Teacher(original, to_o, output, reuse=stream.one_shot or isinstance(data, (list, tuple)))
+            measure = _Measure([inputs for _, inputs in first], teacher)
             before = measure(converted, to_c)
             for p in converted.parameters():
                 p.requires_grad_(False)
