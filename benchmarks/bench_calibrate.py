@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3,
                         help="runs per method and budget, each with its own order of the batches; the mean is printed")
     parser.add_argument("--train-steps", type=int, default=1500, help="steps training the original (one cycle)")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="side of the built-in images (64 lets InstanceNorm run: 32 px leaves 1x1 maps)")
     parser.add_argument("--groups", type=int, default=None, help="groups= for gn_ws and gn (default: the spec's 32)")
     parser.add_argument("--cache", default=None, help="a folder keeping the trained originals between runs")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
@@ -126,14 +128,15 @@ def main() -> None:
         # calibrate reads its budget on time.perf_counter: point it at the same CPU clock, for this benchmark only
         calibration_module.time = type("CpuClock", (), {"perf_counter": staticmethod(time.process_time)})
     warnings.filterwarnings("ignore")
-    data = builtin("image", seed=0, train_size=2048, val_size=512)
+    data = builtin("image", seed=0, train_size=2048, val_size=512, image_size=args.image_size)
     x, y = _tensors(data.train)
     vx, vy = _tensors(data.val)
     methods = [f"calibrate {p}" for p in args.params] + [f"labels lr {lr:g}" for lr in args.label_lrs]
     lines = []
     for name in args.models:
         original = build(name)
-        cached = pathlib.Path(args.cache) / f"{name}_cycle{args.train_steps}.pt" if args.cache else None
+        size = "" if args.image_size == 32 else f"_{args.image_size}px"
+        cached = pathlib.Path(args.cache) / f"{name}_cycle{args.train_steps}{size}.pt" if args.cache else None
         t = time.perf_counter()
         if cached is not None and cached.is_file():
             original.load_state_dict(torch.load(cached, weights_only=True))
@@ -143,7 +146,8 @@ def main() -> None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(original.state_dict(), cached)
         base = accuracy(original, vx, vy)
-        print(f"{MODELS[name]}: trained with BatchNorm ({args.train_steps} steps, {time.perf_counter() - t:.0f} s), "
+        print(f"{MODELS[name]}: trained with BatchNorm on {args.image_size} px images ({args.train_steps} steps, "
+              f"{time.perf_counter() - t:.0f} s), "
               f"val accuracy {base:.3f}", flush=True)
         for spec in args.specs:
             options = {"groups": args.groups} if args.groups and spec in ("gn_ws", "gn") else {}
@@ -169,7 +173,8 @@ def main() -> None:
             for method in methods:
                 cells = "; ".join(f"{b:g} s {row[method, b][0]:.3f} ({row[method, b][1]:.0f} steps)" for b in args.budgets)
                 print(f"  {spec}: converted {row['converted']:.3f}; {method}: {cells}", flush=True)
-            lines.append((MODELS[name], base, spec + (f" groups={args.groups}" if options else ""), row))
+            label = MODELS[name] + ("" if args.image_size == 32 else f", {args.image_size} px")
+            lines.append((label, base, spec + (f" groups={args.groups}" if options else ""), row))
     clock = "CPU seconds of one thread" if args.clock == "cpu" else f"wall seconds, {torch.get_num_threads()} threads"
     print(f"\n### Calibration ({datetime.date.today()}, torch {torch.__version__}, budgets in {clock})\n")
     print(f"Validation accuracy after each time budget, mean of {args.seeds} runs; the last column is the first "

@@ -155,7 +155,8 @@ def test_any_iterable_of_batches_in_any_form(digits, pretrained):
 @pytest.mark.long
 def test_outputs_of_batches_held_in_memory_are_computed_once(digits, pretrained):
     """A list of batches (or a generator, replayed from memory) gives the original the same batches on every
-    pass: it runs once per batch, plus the measurement; a DataLoader's batches are new objects every pass."""
+    pass: it runs once per batch, the measured ones included; a DataLoader's batches are new objects every
+    pass, so it runs once per step, except the first step (the measured batch)."""
     (x, _), _ = digits
     converted = normswap.convert(pretrained, "gn_ws")
     calls = []
@@ -165,11 +166,11 @@ def test_outputs_of_batches_held_in_memory_are_computed_once(digits, pretrained)
         for data in (batches, (b for b in batches)):
             calls.clear()
             normswap.calibrate(copy.deepcopy(converted), pretrained, data, steps=10, eval_batches=1)
-            assert len(calls) == 1 + len(batches)
+            assert len(calls) == len(batches)
         calls.clear()
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
         normswap.calibrate(copy.deepcopy(converted), pretrained, loader, steps=10, eval_batches=1)
-        assert len(calls) == 1 + 10
+        assert len(calls) == 10
     finally:
         hook.remove()
     # reused outputs train exactly as recomputed ones do (the original is deterministic in eval mode)
@@ -179,23 +180,25 @@ def test_outputs_of_batches_held_in_memory_are_computed_once(digits, pretrained)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_params_all_trains_the_converted_norms_faster():
-    """With params="all" every parameter trains, the converted norms' at NORMS_IN_ALL times the rate: one
-    Adam step moves each parameter by about its group's rate."""
-    from normswap.calibration import DEFAULT_LR, NORMS_IN_ALL
+def test_params_all_trains_every_parameter_at_one_rate():
+    """With params="all" every parameter trains at the default rate, the converted norms' too: one Adam step
+    moves each parameter by about the rate; with params="norms" only the converted norms move."""
+    from normswap.calibration import DEFAULT_LR
 
     torch.manual_seed(0)
     original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
                                    torch.nn.Linear(8 * 6 * 6, 4)).eval()
     original[1].running_var.fill_(2.0)
     converted = normswap.convert(original, "gn", groups=2)
-    before = copy.deepcopy(converted)
-    normswap.calibrate(converted, original, [torch.randn(16, 3, 8, 8)], steps=1, params="all")
-    old = dict(before.named_parameters())
-    step = {n: float((p.detach() - old[n].detach()).abs().max()) for n, p in converted.named_parameters()}
-    lr = DEFAULT_LR["all"]
-    assert step["1.weight"] == pytest.approx(lr * NORMS_IN_ALL, rel=1e-3)
-    assert step["3.weight"] == pytest.approx(lr, rel=1e-3) and step["0.weight"] == pytest.approx(lr, rel=1e-3)
+    old = {n: p.detach().clone() for n, p in converted.named_parameters()}
+    for params in ("norms", "all"):
+        model = copy.deepcopy(converted)
+        normswap.calibrate(model, original, [torch.randn(16, 3, 8, 8)], steps=1, params=params)
+        step = {n: float((p.detach() - old[n]).abs().max()) for n, p in model.named_parameters()}
+        lr = DEFAULT_LR[params]
+        assert step["1.weight"] == pytest.approx(lr, rel=1e-3)
+        moved = lr if params == "all" else 0.0
+        assert step["3.weight"] == pytest.approx(moved, rel=1e-3) and step["0.weight"] == pytest.approx(moved, rel=1e-3)
 
 
 def test_bad_calls_are_one_clear_error(pretrained):
@@ -216,6 +219,11 @@ def test_bad_calls_are_one_clear_error(pretrained):
     other = normswap.convert(timm.create_model("test_resnet", pretrained=False, num_classes=7), "gn")
     with pytest.raises(normswap.NormSwapError, match="the one it was converted from"):
         normswap.calibrate(other, pretrained, [x])
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8, affine=False)).eval()
+    no_affine = normswap.convert(plain, "gn", groups=2)
+    with pytest.raises(normswap.NormSwapError, match="no affine parameters.*pass params='all'"):
+        normswap.calibrate(no_affine, plain, [x], steps=1)
+    assert normswap.calibrate(no_affine, plain, [x], steps=1, params="all").trained == 8 * 3 * 3 * 3 + 8
 
 
 def test_an_hf_model_calibrates_from_keyword_batches(digits):
