@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[3.0, 6.0, 10.0, 20.0])
     parser.add_argument("--params", nargs="+", default=["norms", "all"], choices=["norms", "all"],
                         help="what calibrate trains (each at its default learning rate)")
-    parser.add_argument("--label-lrs", nargs="+", type=float, default=[1e-3, 3e-3],
+    parser.add_argument("--label-lrs", nargs="+", type=float, default=[3e-3, 5e-3],
                         help="learning rates of the fine-tuning with labels (each one a column)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="runs per method and budget, each with its own order of the batches; the mean is printed")
