@@ -73,6 +73,16 @@ def test_probing_identifies_each_formula_and_its_eps(kind, eps, weight, bias, ch
     assert found.eps == pytest.approx(eps, rel=1e-3, abs=1e-30)
 
 
+@pytest.mark.parametrize("eps", [0.00781, 0.0078125, 1.2345e-5, torch.finfo(torch.float16).eps])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_probing_reads_an_eps_near_a_machine_epsilon_or_with_more_digits(kind, eps):
+    """Found by hypothesis: eps 0.00781 (within 1e-3 of bfloat16's epsilon 2**-7, not it) was snapped to 2**-7,
+    which then missed the rows and left the norm unidentified; an eps with more than three significant
+    digits must be read too."""
+    found = identify(WrittenNorm(7, kind, eps, "w", False, False))
+    assert found.kind == kind and found.eps == pytest.approx(eps, rel=1e-4)
+
+
 def test_probing_reads_a_frozen_batch_norm_and_converts_it():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBN(8), nn.ReLU())
     info, reason = read_norm(model[1])

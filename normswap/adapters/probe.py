@@ -244,22 +244,24 @@ def _fit_rows(u: torch.Tensor, centered: torch.Tensor, second_moment: torch.Tens
         return None
     eps_rows = 1 / scale.square() - second_moment
     smallest = int(second_moment.argmin())
-    eps = float(eps_rows[smallest])
+    measured = float(eps_rows[smallest])
     # below a thousandth of the smallest row's second moment, eps is lost in the module's own rounding
-    eps = 0.0 if eps < 1e-3 * float(second_moment[smallest]) else _round_eps(eps)
-    predicted = 1 / (second_moment + eps).sqrt()
-    if float(((predicted - scale).abs() / scale).max()) > MATCH_TOL:
-        return None
-    return eps
+    candidates = [0.0] if measured < 1e-3 * float(second_moment[smallest]) else _written_eps(measured)
+    for eps in candidates:
+        predicted = 1 / (second_moment + eps).sqrt()
+        if float(((predicted - scale).abs() / scale).max()) <= MATCH_TOL:
+            return eps
+    return None
 
 
-def _round_eps(eps: float) -> float:
-    """The eps a module was written with: measured values carry the module's own rounding (often float32)."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        machine = torch.finfo(dtype).eps
-        if abs(eps - machine) <= 1e-3 * machine:
-            return machine
-    return float(f"{eps:.3g}")
+def _written_eps(eps: float) -> list[float]:
+    """The values a module may have been written with, most likely first, for a measured ``eps`` (it carries
+    the module's own rounding, often float32's): a dtype's machine epsilon close to it, three significant
+    digits, the measured value itself. The caller keeps the first that fits every row (0.00781 is near
+    bfloat16's epsilon but is not it)."""
+    near = [torch.finfo(d).eps for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+            if abs(eps - torch.finfo(d).eps) <= 1e-3 * torch.finfo(d).eps]
+    return near[:1] + [float(f"{eps:.3g}"), eps]
 
 
 def _affine_variants(tensors: dict[str, torch.Tensor], width: int) -> list[tuple[str, bool]]:
