@@ -149,12 +149,12 @@ class _Teacher:
         target = self.compute(inputs)
         size = target.numel() * target.element_size()
         if self.reuse and self.bytes + size <= self.limit:
-            self.kept[id(batch)] = (batch, target)  # the batch is held, so its id cannot be reused
+            self.hold(batch, target)
             self.bytes += size
         return target
 
     def hold(self, batch: Any, target: torch.Tensor) -> None:
-        """Reuse ``target`` as the output for ``batch`` (an object the caller holds for the whole call)."""
+        """Reuse ``target`` as the output for ``batch`` (kept with it, so its id cannot be reused)."""
         self.kept[id(batch)] = (batch, target)
 
     def compute(self, inputs: Inputs) -> torch.Tensor:
