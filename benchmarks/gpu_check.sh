@@ -7,9 +7,14 @@
 # 1. pytest -m gpu (tests/test_triton.py: the Triton row kernels natively; tests/test_gpu.py: each layer against its formula in fp32/bf16/fp16, converted models
 #    on CUDA against the CPU on the same weights, opcheck of every normswap operator, compile, scripting);
 # 2. normswap validate --device cuda on timm and HF models with several specs;
-# 3. benchmarks/suite.py --device cuda --quick (tables with date, torch version and GPU name).
-# Nothing is installed: the working tree is put on PYTHONPATH. Each step has its own time limit, and a
-# failing step does not stop the others; the exit status is that of the first failing step.
+# 3. benchmarks/suite.py --device cuda --quick (tables with date, torch version and GPU name; every layer in
+#    fp32 and bf16, against torch's layers, Liger-Kernel's RMSNorm / LayerNorm where installed, Ghost
+#    BatchNorm's split/cat and reshaped-batch forms, Weight Standardization's torch ops).
+# Nothing is installed from elsewhere: the working tree is put on PYTHONPATH, and wheels found in .whl/ (for
+# Liger-Kernel, which the GPU image lacks: `echo /.whl/ >> .git/info/exclude; pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d .whl liger-kernel`, then carry .whl) go to a private folder.
+# Each step has its own time limit, and a failing step does not stop the others; the exit status is that
+# of the first failing step.
 set -u
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -17,6 +22,11 @@ RESULTS=${OUT:-benchmarks/gpu_results}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$SITE"
+fi
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $RESULTS/NAME.txt, remember a failure
     local name=$1 limit=$2
@@ -36,9 +46,11 @@ import datetime, platform, torch
 print("date:", datetime.date.today().isoformat())
 print("python:", platform.python_version(), "torch:", torch.__version__, "cuda:", torch.version.cuda)
 print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("timm", "transformers", "triton"):
+for name in ("timm", "transformers", "triton", "liger_kernel"):
     try:
-        print(f"{name}:", __import__(name).__version__)
+        __import__(name)
+        from importlib.metadata import version
+        print(f"{name}:", version(name.replace("_", "-")))
     except ImportError:
         print(f"{name}: absent")
 EOF

@@ -8,7 +8,11 @@
 2. Each norm layer normswap builds, forward and forward+backward, against torch's nearest layer and
    against the bandwidth limit: the bytes the layer must move at least (forward: x in, y out; forward +
    backward adds dy in, dx out) at the machine's copy bandwidth (a 256 MB copy, which no cache holds).
-   Goals on CPU fp32: within 2x of the limit forward, 3x forward+backward.
+   Goals on CPU fp32: within 2x of the limit forward, 3x forward+backward. On CUDA the layers run in fp32 and
+   bf16 (the GPU goals are bf16: within 1.5x of the limit, RMSNorm no slower than ``F.rms_norm``, BertLayerNorm
+   within 1.1x of ``nn.LayerNorm``, GroupNorm on a channels_last input no slower than on a contiguous one),
+   with Liger-Kernel's RMSNorm and LayerNorm as further baselines where it is installed; Ghost BatchNorm is
+   timed against the split/cat and reshaped-batch forms, Weight Standardization against its torch ops.
 3. resnet50 converted with ``gn_ws`` against timm's hand-written BiT ResNet (``resnetv2_50x1_bit``) and the
    BatchNorm original: train step and inference, contiguous and channels_last (bf16 too on GPU).
 4. A BERT converted with ``rms`` and ``bert_ln`` against the original: train step.
@@ -34,6 +38,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -46,6 +51,7 @@ from normswap.norms.bert_layer_norm import BertLayerNorm  # noqa: E402
 from normswap.norms.channel_layer_norm import ChannelLayerNorm  # noqa: E402
 from normswap.norms.ghost_batch_norm import GhostBatchNorm2d  # noqa: E402
 from normswap.norms.rms_norm import RMSNorm  # noqa: E402
+from normswap.norms.std_conv import standardize_weight_fused, standardize_weight  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -84,39 +90,102 @@ def copy_bandwidth(device: torch.device, repeat: int) -> float:
     return 2 * src.numel() * src.element_size() / t
 
 
-def layer_rows(device: torch.device, repeat: int, bw: float) -> list[dict]:
-    cases = [
+class _WeightStd(nn.Module):
+    """Weight Standardization of its input (a conv weight) as a layer, for the timing helpers: normswap's
+    (the fused Triton kernel on CUDA) or the torch-ops formula."""
+
+    def __init__(self, mode: str, fused: bool) -> None:
+        super().__init__()
+        self.mode, self.fused = mode, fused
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return (standardize_weight_fused if self.fused else standardize_weight)(w, 1e-6, self.mode)
+
+
+class _GhostSplitCat(nn.Module):
+    """Ghost BatchNorm the common way: ``split`` the batch, ``F.batch_norm`` each part, ``cat`` the outputs."""
+
+    def __init__(self, c: int, virtual: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.virtual = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), virtual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.batch_norm(part, None, None, self.weight, self.bias, training=True)
+                          for part in x.split(self.virtual)])
+
+
+class _GhostReshaped(_GhostSplitCat):
+    """Ghost BatchNorm as one batch norm over a reshaped batch: the k virtual batches become k groups of
+    channels (``[N, C, *]`` -> ``[N / k, k * C, *]``, a copy in and out), the parameters repeated k times."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, k = x.shape[0], x.shape[1], x.shape[0] // self.virtual
+        grouped = x.reshape(k, self.virtual, *x.shape[1:]).transpose(0, 1).reshape(self.virtual, k * c, *x.shape[2:])
+        y = F.batch_norm(grouped, None, None, self.weight.repeat(k), self.bias.repeat(k), training=True)
+        return y.reshape(self.virtual, k, *x.shape[1:]).transpose(0, 1).reshape(n, *x.shape[1:])
+
+
+def _liger(kind: str, d: int) -> dict[str, nn.Module]:
+    """Liger-Kernel's layer of ``kind`` (the anchor for the GPU kernels) where it is installed and CUDA runs."""
+    if not torch.cuda.is_available():
+        return {}
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    except ImportError:
+        return {}
+    return {"Liger RMSNorm": LigerRMSNorm(d, eps=1e-6, in_place=False)} if kind == "rms" else \
+        {"Liger LayerNorm": LigerLayerNorm(d, eps=1e-6)}
+
+
+def layer_cases(device: torch.device) -> list[tuple]:
+    """``(name, ours, {label: baseline or (baseline, memory format)}, shape, memory format)`` of each layer row;
+    a baseline given with a memory format gets the input in that format."""
+    cl, contiguous = torch.channels_last, torch.contiguous_format
+    return [
         ("GroupNorm (32 groups; gn, gn_ws)", nn.GroupNorm(32, 256), {"nn.GroupNorm": nn.GroupNorm(32, 256)},
-         (8, 256, 56, 56)),
+         (8, 256, 56, 56), contiguous),
+        ("GroupNorm, channels_last input (gn, gn_ws)", nn.GroupNorm(32, 256),
+         {"the same, contiguous input": (nn.GroupNorm(32, 256), contiguous)}, (8, 256, 56, 56), cl),
         ("ChannelLayerNorm (ln from BatchNorm)", ChannelLayerNorm(256), {"timm LayerNorm2d": _timm_ln2d(256)},
-         (8, 256, 56, 56)),
-        ("RMSNorm (rms)", RMSNorm(768), {"nn.RMSNorm": nn.RMSNorm(768), "nn.LayerNorm": nn.LayerNorm(768)},
-         (8, 128, 768)),
-        ("BertLayerNorm (bert_ln)", BertLayerNorm(768), {"nn.LayerNorm": nn.LayerNorm(768)}, (8, 128, 768)),
+         (8, 256, 56, 56), contiguous),
+        ("RMSNorm (rms)", RMSNorm(768), {"nn.RMSNorm (F.rms_norm)": nn.RMSNorm(768), "nn.LayerNorm": nn.LayerNorm(768),
+                                        **_liger("rms", 768)}, (8, 128, 768), contiguous),
+        ("BertLayerNorm (bert_ln)", BertLayerNorm(768), {"nn.LayerNorm": nn.LayerNorm(768), **_liger("layer", 768)},
+         (8, 128, 768), contiguous),
         ("GhostBatchNorm2d (ghost_bn, virtual 16)", GhostBatchNorm2d(64, virtual_batch_size=16),
-         {"nn.BatchNorm2d": nn.BatchNorm2d(64)}, (64, 64, 56, 56)),
+         {"nn.BatchNorm2d": nn.BatchNorm2d(64), "split/cat": _GhostSplitCat(64, 16),
+          "reshaped batch": _GhostReshaped(64, 16)}, (64, 64, 56, 56), contiguous),
+        ("Weight Standardization, inside (gn_ws)", _WeightStd("inside", True),
+         {"torch ops (F.batch_norm)": _WeightStd("inside", False)}, (512, 512, 3, 3), contiguous),
+        ("Weight Standardization, outside", _WeightStd("outside", True),
+         {"torch ops (std_mean)": _WeightStd("outside", False)}, (512, 512, 3, 3), contiguous),
     ]
+
+
+def layer_rows(device: torch.device, repeat: int, bw: float, dtype: torch.dtype = torch.float32) -> list[dict]:
     rows = []
-    for name, ours, baselines, shape in cases:
+    for name, ours, baselines, shape, fmt in layer_cases(device):
         torch.manual_seed(0)
-        x = torch.randn(*shape, device=device, requires_grad=True)
-        gy = torch.randn(*shape, device=device)
+        x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+        gy = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
         fns = {}
         for label, m in {"ours": ours, **baselines}.items():
-            m.to(device).train()
-            fns[f"{label}/fwd"] = _fwd(m, x)
-            fns[f"{label}/fwdbwd"] = _fwd_bwd(m, x, gy)
+            m, xm, gm = (m, x, gy) if isinstance(m, nn.Module) else (
+                m[0], x.detach().contiguous(memory_format=m[1]).requires_grad_(True), gy.contiguous(memory_format=m[1]))
+            m.to(device=device, dtype=dtype).train()
+            fns[f"{label}/fwd"] = _fwd(m, xm)
+            fns[f"{label}/fwdbwd"] = _fwd_bwd(m, xm, gm)
         t = medians(fns, repeat, device)
         nbytes = x.numel() * x.element_size()
         limit_fwd, limit_bwd = 2 * nbytes / bw, 4 * nbytes / bw
-        row = {"layer": name, "shape": "x".join(map(str, shape)), "fwd_ms": t["ours/fwd"] * 1e3,
-               "fwdbwd_ms": t["ours/fwdbwd"] * 1e3, "fwd_vs_limit": t["ours/fwd"] / limit_fwd,
+        row = {"layer": name, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+               "fwd_ms": t["ours/fwd"] * 1e3, "fwdbwd_ms": t["ours/fwdbwd"] * 1e3, "fwd_vs_limit": t["ours/fwd"] / limit_fwd,
                "fwdbwd_vs_limit": t["ours/fwdbwd"] / limit_bwd, "vs": {}}
         for label in baselines:
             row["vs"][label] = (t["ours/fwd"] / t[f"{label}/fwd"], t["ours/fwdbwd"] / t[f"{label}/fwdbwd"],
                                 t[f"{label}/fwdbwd"] / limit_bwd)
         rows.append(row)
-        print(f"  {name:<42} {row['shape']:<14} fwd {row['fwd_vs_limit']:.2f}x limit, fwd+bwd "
+        print(f"  {name:<42} {row['shape']:<14} {row['dtype']:<8} fwd {row['fwd_vs_limit']:.2f}x limit, fwd+bwd "
               f"{row['fwdbwd_vs_limit']:.2f}x limit; " + ", ".join(
                   f"/{k} {v[0]:.2f} fwd {v[1]:.2f} fwd+bwd" for k, v in row["vs"].items()), flush=True)
     return rows
@@ -236,14 +305,16 @@ def markdown(device: torch.device, bw: float, layers: list[dict], models: list[d
            f"{today}, torch {torch.__version__}, normswap {normswap.__version__}, fp32 unless noted; "
            f"fused CPU kernels: {native.status().split(':')[0]}; {malloc}. Copy bandwidth {bw / 1e9:.1f} GB/s.", "",
            "### Norm layers (ratios: time / time; below 1 means normswap's layer is faster)", "",
-           "| layer | shape | fwd / limit | fwd+bwd / limit | vs torch's layer: fwd, fwd+bwd (torch's own fwd+bwd / limit) |",
-           "|---|---|---|---|---|"]
+           "| layer | shape | dtype | fwd / limit | fwd+bwd / limit | vs torch's layer: fwd, fwd+bwd (torch's own fwd+bwd / limit) |",
+           "|---|---|---|---|---|---|"]
     for r in layers:
         vs = "; ".join(f"{k}: {a:.2f}, {b:.2f} ({c:.2f})" for k, (a, b, c) in r["vs"].items())
-        out.append(f"| {r['layer']} | {r['shape']} | {r['fwd_vs_limit']:.2f} | {r['fwdbwd_vs_limit']:.2f} | {vs} |")
+        out.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['fwd_vs_limit']:.2f} | {r['fwdbwd_vs_limit']:.2f} "
+                   f"| {vs} |")
     out += ["", "Limit: the bytes a layer must move at least (forward: x in, y out; forward+backward adds dy in, "
             "dx out) at the machine's copy bandwidth (a 256 MB copy). Tensors that fit in cache can beat it. "
-            "Goals on CPU fp32: fwd <= 2, fwd+bwd <= 3.", "",
+            "Goals on CPU fp32: fwd <= 2, fwd+bwd <= 3; on CUDA bf16: both <= 1.5, RMSNorm / F.rms_norm <= 1, "
+            "BertLayerNorm / nn.LayerNorm <= 1.1, GroupNorm channels_last / contiguous <= 1.", "",
             "### Converted resnet50 (milliseconds per call; ratios)", "",
             "| figure | gn_ws | BiT (timm) | BatchNorm | gn_ws / BiT | gn_ws / BatchNorm |", "|---|---|---|---|---|---|"]
     for r in models:
@@ -275,7 +346,8 @@ def main() -> None:
     print(f"{machine(device)}, torch {torch.__version__}", flush=True)
     bw = copy_bandwidth(device, repeat)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    layers = layer_rows(device, repeat, bw) if "layers" not in args.skip else []
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    layers = [r for dt in dtypes for r in layer_rows(device, repeat, bw, dt)] if "layers" not in args.skip else []
     models = model_rows(device, max(3, repeat // 2)) if "models" not in args.skip else []
     bert = bert_rows(device, max(3, repeat // 2)) if "bert" not in args.skip else []
     section = markdown(device, bw, layers, models, bert)

@@ -8,6 +8,7 @@ its epsilon relative to the output's scale, times the depth of the computation w
 """
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -156,20 +157,37 @@ def test_ghost_batch_norm_on_cuda_matches_the_cpu_in_train_mode_and_running_stat
         torch.testing.assert_close(cuda.state_dict()[key].cpu(), value, msg=key)
 
 
+@pytest.mark.parametrize("mode", ["inside", "outside"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weight_standardization_on_cuda(dtype):
+def test_weight_standardization_on_cuda(dtype, mode):
+    """The standardized weight and its gradient against the formula in float64 (the fused Triton kernel where
+    Triton is installed: it is checked to run)."""
+    from normswap.norms import triton_rows
+    from normswap.norms.std_conv import standardize_weight
+
     torch.manual_seed(0)
-    conv = standardize_conv(nn.Conv2d(8, 16, 3)).cuda().to(dtype)
-    w = conv.weight.detach().double().flatten(1)
-    var, mean = torch.var_mean(w, 1, correction=0, keepdim=True)
-    ref = ((w - mean) * torch.rsqrt(var + conv.ws_eps)).view_as(conv.weight)
-    got = conv.standardized_weight().double()
-    assert float((got - ref).abs().max()) <= 4 * _eps(dtype) * float(ref.abs().max())
+    conv = standardize_conv(nn.Conv2d(48, 64, 3), mode=mode).cuda().to(dtype)
+    if triton_rows.kernels() is not None:
+        assert triton_rows.usable(conv.weight.detach().flatten(1))
+    gw = torch.randn_like(conv.weight)
+    got = conv.standardized_weight()
+    got.backward(gw)
+    leaf = conv.weight.detach().double().requires_grad_(True)
+    ref = standardize_weight(leaf, conv.ws_eps, mode)
+    ref.backward(gw.double())
+    assert got.dtype == dtype
+    assert _max_diff(got.detach(), ref.detach()) <= 4 * _eps(dtype) * float(ref.abs().max())
+    # the gradient's terms are sums over a fan-in of 432: a float32 rounding per term, then the dtype's
+    fan_in = conv.weight[0].numel()
+    tol = (4 * _eps(dtype) + fan_in * _eps(torch.float32)) * float(leaf.grad.abs().max())
+    assert _max_diff(conv.weight.grad, leaf.grad) <= tol
 
 
-@pytest.mark.parametrize("name", ["rms_norm_rows", "bert_layer_norm_rows"])
+@pytest.mark.parametrize("name", ["rms_norm_rows", "bert_layer_norm_rows", "layer_norm_rows"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_operators_pass_opcheck_on_cuda(name, dtype):
+    importlib.import_module("normswap.norms.layer_rows")  # registers normswap::layer_norm_rows
+
     op = getattr(torch.ops.normswap, name).default
     x = torch.randn(37, 96, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.rand(96, device="cuda", requires_grad=True)

@@ -3,6 +3,7 @@
 ``fullgraph=True`` and export with ``torch.export`` where the originals do."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -11,9 +12,10 @@ from torch import nn
 
 import normswap
 from normswap.norms.bert_layer_norm import bert_layer_norm_rows
+from normswap.norms.layer_rows import layer_norm_rows
 from normswap.norms.rms_norm import rms_norm_rows
 
-OPS = {"rms_norm_rows": rms_norm_rows, "bert_layer_norm_rows": bert_layer_norm_rows}
+OPS = {"rms_norm_rows": rms_norm_rows, "bert_layer_norm_rows": bert_layer_norm_rows, "layer_norm_rows": layer_norm_rows}
 
 
 def _args(dtype, weight, bias, rows=6, d=10):
@@ -30,7 +32,7 @@ def _args(dtype, weight, bias, rows=6, d=10):
 def test_every_row_operator_passes_opcheck(name, dtype, weight, bias):
     """float32 runs the fused CPU kernels, float64 the torch ops, bfloat16 inputs with float32 parameters
     are computed in float32."""
-    torch.library.opcheck(OPS[name], _args(dtype, weight, bias))
+    torch.library.opcheck(OPS[name].op, _args(dtype, weight, bias))
 
 
 @pytest.mark.parametrize("spec", ["rms", "bert_ln"])
@@ -94,3 +96,70 @@ def test_a_ghost_batch_norm_model_compiles_whole_in_train_mode():
     compiled = torch.compile(twin, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), model(x))
     torch.testing.assert_close(twin[1].running_var, model[1].running_var)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_eager_path_computes_what_the_operator_computes(name, dtype):
+    """In plain eager mode a row kernel skips the operator's dispatch: same outputs, statistics and
+    gradients, bit for bit (float32: the fused CPU kernels, float64: torch ops)."""
+    kernel = OPS[name]
+    x, w, b, eps = _args(dtype, True, True)
+    gy = torch.randn_like(x)
+    results = []
+    for call in (kernel, kernel.op):
+        y, stats = call(x, w, b, eps)
+        results.append([y, stats, *torch.autograd.grad(y, (x, w, b), gy)])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_vmap_over_a_row_kernel_runs_the_operator_per_sample(name):
+    """torch.func.vmap's batched tensors have no data: the kernel hands them to the operator, whose per-sample
+    fallback runs the fused kernel on each sample."""
+    kernel = OPS[name]
+    x, w, b, eps = (t.detach() if isinstance(t, torch.Tensor) else t for t in _args(torch.float32, True, True))
+    fn = lambda rows: kernel(rows, w, b, eps)[0]  # noqa: E731
+    batched = torch.stack([x, 2 * x + 1])
+    torch.testing.assert_close(torch.func.vmap(fn)(batched), torch.stack([fn(batched[0]), fn(batched[1])]))
+
+
+def test_traced_and_compiled_calls_go_through_the_operator():
+    """torch.jit.trace and torch.compile see the operator (the eager path would hide the fused kernel)."""
+    from normswap.norms.rms_norm import RMSNorm
+
+    layer = RMSNorm(10)
+    x = torch.randn(3, 10)
+    traced = torch.jit.trace(layer, (x,))
+    assert "normswap::rms_norm_rows" in str(traced.graph)
+    torch.testing.assert_close(traced(x), layer(x))
+    seen = []
+    torch.compile(layer, fullgraph=True, backend=lambda gm, _: seen.append(str(gm.graph)) or gm)(x)
+    assert any("normswap.rms_norm_rows" in graph for graph in seen)
+
+
+@pytest.mark.parametrize("module", ["rms_norm", "bert_layer_norm"])
+def test_every_implementation_lays_out_its_statistics_alike(module):
+    """A backward may run on another implementation than its forward (torch ops where the gradient has no
+    data pointer for the fused kernel, after a fused forward): the statistics agree, and torch ops' gradient from the fused kernel's
+    statistics is as close to float64's as the fused kernel's own (constant rows too: BERT's std is 0)."""
+    from normswap.norms import native
+
+    if native.status().startswith("off"):
+        pytest.skip("the fused CPU kernels are off")
+    impl = importlib.import_module(f"normswap.norms.{module}")._IMPL
+    x, w, b, eps = (t.detach() if isinstance(t, torch.Tensor) else t for t in _args(torch.float32, True, True))
+    x[2] = 0.75
+    g = torch.randn_like(x)
+    _, stats = impl.native_forward(x, w, b, eps)
+    _, *parts = impl.torch_forward(x.clone(), True, w, b, eps)
+    torch.testing.assert_close(torch.cat(parts, 1), stats)
+    columns = tuple(c.contiguous() for c in stats.split(1, dim=1))
+    need = (True, True, True)
+    exact = impl.torch_backward(g.double(), x.double(), w.double(), tuple(c.double() for c in columns), eps, need)
+    fused = impl.native_backward(g, x, stats, w, need)
+    crossed = impl.torch_backward(g, x, w, columns, eps, need)
+    for ref, own, other in zip(exact, fused, crossed):
+        tol = 4 * float((own.double() - ref).abs().max()) + torch.finfo(torch.float32).eps * float(ref.abs().max())
+        assert float((other.double() - ref).abs().max()) <= tol

@@ -1,6 +1,8 @@
 """The Triton kernels (``normswap/norms/triton_rows.py``, ``triton_channels.py``) against float64
 references, forward and backward, float32/bfloat16/float16, odd sizes, non-contiguous inputs, with and
-without weight and bias; and every kernel variant compiled for a CUDA target.
+without weight and bias: RMSNorm, BERT LayerNorm, the plain LayerNorm rows, ChannelLayerNorm and Weight
+Standardization of conv weights (both eps forms, through a standardized conv); and every kernel variant
+compiled for a CUDA target.
 
 On this CPU-only machine they run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) in a
 child process (the interpreter switch is read when Triton defines the kernels); under the ``gpu`` marker
@@ -23,6 +25,7 @@ CHECK = textwrap.dedent('''
     from normswap.norms import triton_rows
     from normswap.norms.bert_layer_norm import bert_layer_norm
     from normswap.norms.rms_norm import rms_norm
+    from normswap.norms.layer_rows import layer_norm_rows
 
     device, full = sys.argv[1], sys.argv[2] == "full"
     DTYPES = [torch.float32, torch.bfloat16, torch.float16] if full else [torch.float32, torch.bfloat16]
@@ -30,23 +33,29 @@ CHECK = textwrap.dedent('''
     def reference(kind, x, w, b, eps):
         if kind == "rms":
             y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        elif kind == "layer":
+            var, mean = torch.var_mean(x, -1, correction=0, keepdim=True)
+            y = (x - mean) / torch.sqrt(var + eps)
         else:
             std, mean = torch.std_mean(x, -1, correction=1, keepdim=True)
             y = (x - mean) / (std + eps)
         return y * (w if w is not None else 1) + (b if b is not None else 0)
 
     def run(kind, x, w, b, eps, gy):
-        fn = rms_norm if kind == "rms" else bert_layer_norm
         leaves = [t for t in (x, w, b) if t is not None]
         for t in leaves:
             t.grad = None
-        y = fn(x, x.shape[-1], w, b, eps)
+        if kind == "layer":
+            d = x.shape[-1]
+            y = layer_norm_rows(x.reshape(-1, d), w, b, eps)[0].view(x.shape)
+        else:
+            y = (rms_norm if kind == "rms" else bert_layer_norm)(x, x.shape[-1], w, b, eps)
         y.backward(gy)
         return y.detach(), [t.grad for t in leaves]
 
     failures = 0
     torch.manual_seed(0)
-    cases = itertools.product(["rms", "bert"], DTYPES, [(7, 33), (3, 5, 96), (1, 2)] if full else [(7, 33), (3, 5, 96)],
+    cases = itertools.product(["rms", "bert", "layer"], DTYPES, [(7, 33), (3, 5, 96), (1, 2)] if full else [(7, 33), (3, 5, 96)],
                               [(True, True), (True, False), (False, False)] if full else [(True, True), (False, False)],
                               [False, True])
     for kind, dtype, shape, (has_w, has_b), strided in cases:
@@ -113,6 +122,35 @@ CHECK = textwrap.dedent('''
                 failures += 1
                 print("FAIL channel", dtype, shape, affine, name, diff, tol)
 
+    # Weight Standardization through a standardized conv (train mode: no cache), both eps forms; odd fan-ins
+    from normswap.norms import std_conv
+    shapes = [(8, 3, 3, 3), (5, 7, 1, 1), (4, 2, 5)] if full else [(8, 3, 3, 3), (4, 2, 5)]
+    for dtype, shape, mode in itertools.product(DTYPES, shapes, ["inside", "outside"]):
+        conv = (torch.nn.Conv1d if len(shape) == 3 else torch.nn.Conv2d)(shape[1], shape[0], shape[2:], bias=False)
+        conv = std_conv.standardize_conv(conv.to(device=device, dtype=dtype), eps=1e-6, mode=mode)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(shape) * 0.1 + 0.02)
+            if shape[0] > 4 and dtype != torch.float16:
+                conv.weight[1] = 0.25  # a constant row: std 0 (its gradient, ~1 / eps, is past float16's range)
+        assert triton_rows.usable(conv.weight.detach().reshape(shape[0], -1)), "the Triton kernels do not run"
+        gw = torch.randn(shape, device=device).to(dtype)
+        conv.weight.grad = None
+        got = conv.standardized_weight()
+        got.backward(gw)
+        refs = []
+        for cdt in (torch.float64, torch.float32):
+            leaf = conv.weight.detach().to(cdt).requires_grad_(True)
+            out = std_conv.standardize_weight(leaf, 1e-6, mode)
+            out.backward(gw.to(cdt))
+            refs.append((out.detach(), leaf.grad))
+        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        for name, g, exp, approx in (("w", got.detach(), refs[0][0], refs[1][0]), ("dw", conv.weight.grad, refs[0][1], refs[1][1])):
+            diff = float((g.double() - exp).abs().max())
+            tol = 4 * float((approx.double() - exp).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
+            if not (g.dtype == dtype and diff <= tol):
+                failures += 1
+                print("FAIL ws", dtype, shape, mode, name, g.dtype, diff, tol)
+
     # constant rows: BERT's std is 0 there; the output is the bias and the gradient finite (no 0 / 0)
     x = torch.full((4, 16), 3.0, device=device).requires_grad_(True)
     w = torch.rand(16, device=device).requires_grad_(True)
@@ -133,17 +171,22 @@ COMPILE = textwrap.dedent('''
     from triton.compiler import ASTSource
     from normswap.norms import triton_kernels as k
 
-    def build(fn, pointers, scalars, constexprs):
+    def build(fn, pointers, scalars, constexprs, warps=4):
         signature = {**{p: "*" + t for p, t in pointers.items()}, **scalars, **{c: "constexpr" for c in constexprs}}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
 
-    for dt, bert, has_w, has_b in itertools.product(["fp32", "bf16"], [True, False], [True, False], [True, False]):
+    for dt, kind, has_w, has_b in itertools.product(["fp32", "bf16"], [0, 1, 2], [True, False], [True, False]):
         build(k.row_forward_kernel, {"X": dt, "W": "fp32", "B": "fp32", "Y": dt, "S": "fp32"},
               {"stride_x": "i32", "stride_y": "i32", "n": "i32", "eps": "fp32"},
-              {"BERT": bert, "HAS_W": has_w, "HAS_B": has_b, "BLOCK": 128})
+              {"KIND": kind, "HAS_W": has_w, "HAS_B": has_b, "BLOCK": 128})
         build(k.row_backward_kernel, {"DY": dt, "X": dt, "W": "fp32", "S": "fp32", "DX": dt, "DW": "fp32", "DB": "fp32"},
               {"stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "rows": "i32", "n": "i32", "rows_per_program": "i32"},
-              {"BERT": bert, "HAS_W": has_w, "NEED_X": True, "NEED_W": has_w, "NEED_B": has_b, "BLOCK": 128})
+              {"KIND": kind, "HAS_W": has_w, "NEED_X": True, "NEED_W": has_w, "NEED_B": has_b, "BLOCK": 128})
+    for kind in (0, 1, 2):  # a long row (a wide conv's fan-in) with the most warps
+        build(k.row_forward_kernel, {"X": "bf16", "W": "fp32", "B": "fp32", "Y": "bf16", "S": "fp32"},
+              {"stride_x": "i32", "stride_y": "i32", "n": "i32", "eps": "fp32"},
+              {"KIND": kind, "HAS_W": False, "HAS_B": False, "BLOCK": 32768}, warps=16)
         build(k.channel_forward_kernel, {"X": dt, "W": "fp32", "B": "fp32", "Y": dt, "MEAN": "fp32", "RSTD": "fp32"},
               {"c": "i32", "s": "i32", "eps": "fp32"}, {"HAS_W": has_w, "HAS_B": has_b, "BLOCK_C": 64, "BLOCK_S": 64})
         build(k.channel_backward_kernel, {"DY": dt, "X": dt, "MEAN": "fp32", "RSTD": "fp32", "W": "fp32", "DX": dt,

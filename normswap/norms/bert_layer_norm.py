@@ -51,7 +51,8 @@ _TINY_VAR_EPS = {dt: float(torch.finfo(dt).tiny) ** 0.75 for dt in (torch.float3
 def _forward_torch(
     xc: Tensor, fresh: bool, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BERT LayerNorm of the rows of ``xc`` with torch's fused LayerNorm: ``(y, mean, rstd, rstd_b)``.
+    """BERT LayerNorm of the rows of ``xc`` with torch's fused LayerNorm: ``(y, mean, rstd, std)``, the
+    statistics laid out as the fused CPU and Triton kernels lay them out (``rstd = 1 / (std + eps)``).
 
     ``fresh`` is unused: the fused kernel writes a new output anyway."""
     cdt, d = xc.dtype, xc.shape[1]
@@ -70,22 +71,24 @@ def _forward_torch(
         y.mul_(scale)
     else:  # y * scale + bias in one pass
         torch.addcmul(flat_param(bias, cdt), y, scale, out=y)
-    return y, mean, rstd, rstd_b
+    return y, mean, rstd, std
 
 
 def _backward_torch(
     g: Tensor, xc: Tensor, weight: Tensor | None, stats: Sequence[Tensor], eps: float, need: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`_forward_torch` in the compute dtype, through torch's fused LayerNorm backward."""
-    mean, rstd, rstd_b = stats
+    mean, rstd, std = stats
     need_x, need_w, need_b = need
     gx = gw = gb = None
     d = xc.shape[1]
     w = flat_param(weight, xc.dtype) if weight is not None else g.new_ones(d)
     if need_x:
-        # alpha**2 = d (std + eps) / ((d - 1) std), with 1 / std = rstd_b / sqrt(d / (d - 1)).
+        # alpha**2 = d (std + eps) / ((d - 1) std); a constant row's std is 0 where the fused kernels computed
+        # it (the floor keeps alpha finite: x - mean is 0 there, and so is u)
         c = d / (d - 1)
-        alpha = torch.mul(rstd_b, c * eps / math.sqrt(c)).add_(c).sqrt_()
+        floor = math.sqrt(_TINY_VAR_EPS.get(xc.dtype, 1e-30))
+        alpha = torch.clamp_min(std, floor).reciprocal_().mul_(c * eps).add_(c).sqrt_()
         u = torch.sub(xc, mean).mul_(alpha)
         gx = layer_norm_backward(g, u, (d,), torch.zeros_like(rstd), rstd, w, None, [True, False, False])[0]
         del u

@@ -8,8 +8,11 @@ mean and unit variance before the convolution. Two eps forms exist in real check
 - ``"outside"`` (the paper's code): ``(w - mean) / (std + eps)`` with the unbiased std.
 
 A standardized conv is the original conv switched to a subclass (``nn.Conv2d`` -> :class:`StdConv2d`),
-so its parameters, hooks and identity stay and ``weight`` stays ``weight`` in the state dict. In eval
-mode, with no gradient wanted for the weight, the standardized weight is cached and recomputed only when
+so its parameters, hooks and identity stay and ``weight`` stays ``weight`` in the state dict. On CUDA
+(Triton installed) the standardization is one fused kernel forward and one backward over the weight as
+``[out, fan_in]`` rows (:mod:`normswap.norms.triton_rows`), reading it in its own dtype with float32
+statistics; elsewhere, and inside ``torch.compile`` (whose compiler fuses the torch ops itself), torch ops.
+In eval mode, with no gradient wanted for the weight, the standardized weight is cached and recomputed only when
 the weight changes (a new tensor, an in-place update, a new device or dtype), so inference costs what a
 plain conv costs. Writes through ``weight.data`` bypass torch's version counter: call
 :func:`clear_ws_cache` after them.
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_rows
 from .scripted import pad_same_ops
 
 WS_EPS_MODES = ("inside", "outside")
@@ -48,6 +52,26 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-6, mode: str = "ins
     return out.reshape(weight.shape).to(weight.dtype)
 
 
+def standardize_weight_fused(weight: torch.Tensor, eps: float = 1e-6, mode: str = "inside") -> torch.Tensor:
+    """:func:`standardize_weight` on the fused Triton row kernels where they run (CUDA, eager mode), else
+    :func:`standardize_weight` itself: ``"inside"`` is a plain LayerNorm of each ``[fan_in]`` row, ``"outside"``
+    the BERT LayerNorm (unbiased std, eps outside). What a standardized conv calls.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> torch.equal(standardize_weight_fused(w), standardize_weight(w))  # on the CPU: the same function
+        True
+    """
+    flat = weight.reshape(weight.shape[0], -1)
+    if mode in WS_EPS_MODES and not torch.compiler.is_compiling() and triton_rows.usable(flat):
+        from .bert_layer_norm import bert_layer_norm_rows
+        from .layer_rows import layer_norm_rows
+
+        op = layer_norm_rows if mode == "inside" else bert_layer_norm_rows
+        return op(flat, None, None, eps)[0].view(weight.shape)
+    return standardize_weight(weight, eps, mode)
+
+
 class StandardizedConv:
     """Mixin for conv classes: ``standardized_weight()`` with an eval-mode cache; the instance holds
     ``ws_eps`` (float) and ``ws_eps_mode`` (str)."""
@@ -68,7 +92,7 @@ class StandardizedConv:
             or self._parameters.get("weight") is not w  # type: ignore[attr-defined]
         ):
             self.__dict__.pop("_ws_cache", None)
-            return standardize_weight(w, self.ws_eps, self.ws_eps_mode)
+            return standardize_weight_fused(w, self.ws_eps, self.ws_eps_mode)
         # the cache holds the weight itself (its identity cannot be reused while cached); every write torch
         # tracks bumps _version, and a new tensor or storage changes the address, dtype or device
         key = (w._version, w.data_ptr(), w.dtype, w.device, torch.is_inference_mode_enabled(), self.ws_eps,
@@ -76,7 +100,7 @@ class StandardizedConv:
         cached = self.__dict__.get("_ws_cache")
         if cached is None or cached[0] is not w or cached[1] != key:
             with torch.no_grad():
-                cached = (w, key, standardize_weight(w, self.ws_eps, self.ws_eps_mode))
+                cached = (w, key, standardize_weight_fused(w, self.ws_eps, self.ws_eps_mode))
             self.__dict__["_ws_cache"] = cached
         return cached[2]
 

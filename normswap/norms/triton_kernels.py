@@ -1,19 +1,24 @@
-"""The Triton kernels of :mod:`normswap.norms.triton_rows` (RMSNorm, BERT LayerNorm) and
-:mod:`normswap.norms.triton_channels` (``ChannelLayerNorm``), defined at import: this module is imported
-only on first use, where Triton is installed (and after ``TRITON_INTERPRET`` is read)."""
+"""The Triton kernels of :mod:`normswap.norms.triton_rows` (RMSNorm, BERT LayerNorm, and the plain
+LayerNorm of Weight Standardization) and :mod:`normswap.norms.triton_channels` (``ChannelLayerNorm``),
+defined at import: this module is imported only on first use, where Triton is installed (and after
+``TRITON_INTERPRET`` is read).
+
+The row kernels take the norm as ``KIND``: 0 RMSNorm (stats ``rstd``), 1 BERT LayerNorm, unbiased std and
+eps outside the root (stats ``mean, 1 / (std + eps), std``), 2 LayerNorm, biased variance and eps inside
+(stats ``mean, rstd``)."""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def row_forward_kernel(X, W, B, Y, S, stride_x, stride_y, n, eps, BERT: tl.constexpr, HAS_W: tl.constexpr,
+def row_forward_kernel(X, W, B, Y, S, stride_x, stride_y, n, eps, KIND: tl.constexpr, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if BERT:
+    if KIND == 1:
         mean = tl.sum(x, axis=0) / n
         xc = tl.where(mask, x - mean, 0.0)
         std = tl.sqrt(tl.sum(xc * xc, axis=0) / (n - 1))
@@ -22,6 +27,13 @@ def row_forward_kernel(X, W, B, Y, S, stride_x, stride_y, n, eps, BERT: tl.const
         tl.store(S + row * 3, mean)
         tl.store(S + row * 3 + 1, inv)
         tl.store(S + row * 3 + 2, std)
+    elif KIND == 2:
+        mean = tl.sum(x, axis=0) / n
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n + eps)
+        h = xc * rstd
+        tl.store(S + row * 2, mean)
+        tl.store(S + row * 2 + 1, rstd)
     else:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
         h = x * rstd
@@ -32,9 +44,10 @@ def row_forward_kernel(X, W, B, Y, S, stride_x, stride_y, n, eps, BERT: tl.const
         h = h + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, h.to(Y.dtype.element_ty), mask=mask)
 
+
 @triton.jit
 def row_backward_kernel(DY, X, W, S, DX, DW, DB, stride_dy, stride_x, stride_dx, rows, n, rows_per_program,
-                        BERT: tl.constexpr, HAS_W: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
+                        KIND: tl.constexpr, HAS_W: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
                         NEED_B: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -51,7 +64,7 @@ def row_backward_kernel(DY, X, W, S, DX, DW, DB, stride_dy, stride_x, stride_dx,
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         g = dy * w
-        if BERT:
+        if KIND == 1:
             mean = tl.load(S + r * 3)
             inv = tl.load(S + r * 3 + 1)
             std = tl.load(S + r * 3 + 2)
@@ -63,6 +76,13 @@ def row_backward_kernel(DY, X, W, S, DX, DW, DB, stride_dy, stride_x, stride_dx,
                 dot = tl.sum(g * xc, axis=0)
                 coef = inv * inv * dot / ((n - 1) * tl.maximum(std, 1e-30))
                 dx = inv * (g - tl.sum(g, axis=0) / n) - coef * xc
+                tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        elif KIND == 2:
+            mean = tl.load(S + r * 2)
+            rstd = tl.load(S + r * 2 + 1)
+            h = tl.where(mask, (x - mean) * rstd, 0.0)
+            if NEED_X:
+                dx = rstd * (g - tl.sum(g, axis=0) / n - h * (tl.sum(g * h, axis=0) / n))
                 tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         else:
             rstd = tl.load(S + r)

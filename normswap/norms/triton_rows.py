@@ -1,9 +1,11 @@
-"""Fused GPU kernels (Triton) for the row norms torch has no fused CUDA kernel for: RMSNorm (with bias too)
-and the BERT LayerNorm (unbiased std, eps outside the root).
+"""Fused GPU kernels (Triton) for the row norms torch has no fused CUDA kernel for: RMSNorm (with bias too),
+the BERT LayerNorm (unbiased std, eps outside the root), and the plain LayerNorm rows of Weight
+Standardization (a conv weight as ``[out, fan_in]``, read and written in its own dtype).
 
 One program normalizes one row in a single read of it, statistics in float32 whatever the input dtype
 (float32, bfloat16, float16), and writes the output in the input's dtype; the statistics of each row are
-kept for the backward (RMSNorm: ``rstd``; BERT: ``mean, 1 / (std + eps), std``). The backward computes the
+kept for the backward (RMSNorm: ``rstd``; BERT: ``mean, 1 / (std + eps), std``; LayerNorm: ``mean, rstd``).
+Rows of more than ``MAX_FUSED`` values (one program holds a whole row) are left to torch ops. The backward computes the
 input gradient row by row and the weight and bias gradients as float32 partial sums over blocks of rows,
 added up at the end. Without Triton or CUDA nothing here runs: the layers keep their CPU kernels and the
 torch-ops path. Triton's interpreter runs the same kernels on CPU tensors for the tests: set
@@ -18,7 +20,12 @@ import os
 import torch
 from torch import Tensor
 
+from normswap.norms.native import has_data
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = {"rms": 0, "bert": 1, "layer": 2}  # the kernels' KIND, and the width of each kind's statistics below
+_STATS = {"rms": 1, "bert": 3, "layer": 2}
+MAX_FUSED = 65536  # values of one row a program holds in registers
 
 
 def _interpreting() -> bool:
@@ -47,7 +54,7 @@ def usable(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return False
-    return x.shape[1] >= 2 and kernels() is not None
+    return 2 <= x.shape[1] <= MAX_FUSED and has_data(x) and kernels() is not None
 
 
 def _rows_last_contiguous(t: Tensor) -> Tensor:
@@ -58,22 +65,31 @@ def _block(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, bert: bool) -> tuple[Tensor, Tensor]:
-    """``(y, stats)`` of the row norm over ``x`` ``[rows, d]``; ``y`` in ``x``'s dtype, ``stats`` float32
-    ``[rows, 3]`` (BERT: mean, 1 / (std + eps), std) or ``[rows, 1]`` (RMSNorm: rstd)."""
+def _warps(block: int) -> int:
+    """Warps for a program holding one row of ``block`` values: about 256 values per warp up to 8 warps, 16
+    for rows from 16384 on, so that long rows do not spill registers."""
+    return 16 if block >= 16384 else min(max(block // 256, 1), 8)
+
+
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kind: str) -> tuple[Tensor, Tensor]:
+    """``(y, stats)`` of the row norm ``kind`` (a key of ``KINDS``) over ``x`` ``[rows, d]``; ``y`` in ``x``'s
+    dtype, ``stats`` float32 ``[rows, k]`` (BERT: mean, 1 / (std + eps), std; RMSNorm: rstd; LayerNorm: mean,
+    rstd)."""
     x = _rows_last_contiguous(x)
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    stats = torch.empty((rows, 3 if bert else 1), dtype=torch.float32, device=x.device)
+    stats = torch.empty((rows, _STATS[kind]), dtype=torch.float32, device=x.device)
     if rows:
         w = weight.reshape(-1).contiguous() if weight is not None else x
         b = bias.reshape(-1).contiguous() if bias is not None else x
-        kernels().row_forward_kernel[(rows,)](x, w, b, y, stats, x.stride(0), y.stride(0), n, float(eps), BERT=bert,
-                                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=_block(n))
+        block = _block(n)
+        kernels().row_forward_kernel[(rows,)](x, w, b, y, stats, x.stride(0), y.stride(0), n, float(eps),
+                                              KIND=KINDS[kind], HAS_W=weight is not None, HAS_B=bias is not None,
+                                              BLOCK=block, num_warps=_warps(block))
     return y, stats
 
 
-def backward(gy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, bert: bool,
+def backward(gy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, kind: str,
              need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`forward`: the input's in its dtype, the weight's and bias's in float32 (``None``
     for what ``need`` does not ask)."""
@@ -94,6 +110,6 @@ def backward(gy: Tensor, x: Tensor, stats: Tensor, weight: Tensor | None, bert: 
     kernels().row_backward_kernel[(programs,)](
         gy, x, w, stats.contiguous(), gx if gx is not None else x, dw if dw is not None else stats,
         db if db is not None else stats, gy.stride(0), x.stride(0), gx.stride(0) if gx is not None else 0, rows, n,
-        per_program, BERT=bert, HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
-        BLOCK=_block(n))
+        per_program, KIND=KINDS[kind], HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
+        BLOCK=_block(n), num_warps=_warps(_block(n)))
     return gx, dw.sum(0) if dw is not None else None, db.sum(0) if db is not None else None

@@ -222,11 +222,23 @@ def usable(x: Tensor) -> bool:
     """Whether a row norm over ``x`` (already in its compute dtype) can run on the fused kernels.
 
     Not under ``torch.compile`` (the compiler fuses the torch-ops path itself and cannot trace a foreign
-    call), nor for tensor subclasses (fake, meta-like or distributed tensors have no plain data pointer).
+    call), nor for tensor subclasses (fake, meta-like or distributed tensors have no plain data pointer) or
+    the storage-less wrappers of ``torch.func`` transforms.
     """
     if torch.compiler.is_compiling():
         return False
-    return type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and _load() is not None
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and _load() is not None
+            and has_data(x))
+
+
+def has_data(x: Tensor) -> bool:
+    """Whether ``x`` has a data pointer a foreign kernel can use: a ``torch.func`` transform's wrapper (the
+    gradient in a ``torch.func.grad`` backward) has none, though its type is ``Tensor``."""
+    try:
+        x.data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _required() -> ctypes.CDLL:
