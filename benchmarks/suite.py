@@ -3,6 +3,7 @@
     python benchmarks/suite.py                          # CPU; writes docs/benchmarks.md
     python benchmarks/suite.py --device cuda            # on a GPU (adds bf16 model rows)
     python benchmarks/suite.py --quick --out /tmp/b.md  # fewer repeats
+    python benchmarks/suite.py --smoke --out /tmp/b.md  # tiny shapes, every code path (fp32 and bf16): a dry run
 
 1. The machine's copy bandwidth (a large ``copy_``: bytes read + written per second).
 2. Each norm layer normswap builds, forward and forward+backward, against torch's nearest layer and
@@ -137,11 +138,11 @@ def _liger(kind: str, d: int) -> dict[str, nn.Module]:
         {"Liger LayerNorm": LigerLayerNorm(d, eps=1e-6)}
 
 
-def layer_cases(device: torch.device) -> list[tuple]:
+def layer_cases(device: torch.device, smoke: bool = False) -> list[tuple]:
     """``(name, ours, {label: baseline or (baseline, memory format)}, shape, memory format)`` of each layer row;
-    a baseline given with a memory format gets the input in that format."""
+    a baseline given with a memory format gets the input in that format. ``smoke``: tiny shapes."""
     cl, contiguous = torch.channels_last, torch.contiguous_format
-    return [
+    cases = [
         ("GroupNorm (32 groups; gn, gn_ws)", nn.GroupNorm(32, 256), {"nn.GroupNorm": nn.GroupNorm(32, 256)},
          (8, 256, 56, 56), contiguous),
         ("GroupNorm, channels_last input (gn, gn_ws)", nn.GroupNorm(32, 256),
@@ -160,11 +161,16 @@ def layer_cases(device: torch.device) -> list[tuple]:
         ("Weight Standardization, outside", _WeightStd("outside", True),
          {"torch ops (std_mean)": _WeightStd("outside", False)}, (512, 512, 3, 3), contiguous),
     ]
+    if smoke:  # channels and widths kept (the layers are built for them), batch and spatial size cut
+        cases = [(n, o, b, (32, 16, 3, 3) if "Weight" in n else (shape[0] if "Ghost" in n else 2, shape[1], 3, 3)
+                  if len(shape) == 4 else (2, 3, shape[-1]), f) for n, o, b, shape, f in cases]
+    return cases
 
 
-def layer_rows(device: torch.device, repeat: int, bw: float, dtype: torch.dtype = torch.float32) -> list[dict]:
+def layer_rows(device: torch.device, repeat: int, bw: float, dtype: torch.dtype = torch.float32,
+               smoke: bool = False) -> list[dict]:
     rows = []
-    for name, ours, baselines, shape, fmt in layer_cases(device):
+    for name, ours, baselines, shape, fmt in layer_cases(device, smoke):
         torch.manual_seed(0)
         x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
         gy = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -232,11 +238,11 @@ def _infer(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Call
     return run
 
 
-def model_rows(device: torch.device, repeat: int) -> list[dict]:
-    batch, size = (32, 224) if device.type == "cuda" else (8, 128)
+def model_rows(device: torch.device, repeat: int, smoke: bool = False) -> list[dict]:
+    batch, size = (2, 32) if smoke else (32, 224) if device.type == "cuda" else (8, 128)
     models = _models(device)
     rows = []
-    dtypes = [None, torch.bfloat16] if device.type == "cuda" else [None]
+    dtypes = [None, torch.bfloat16] if device.type == "cuda" or smoke else [None]
     for dtype in dtypes:
         for layout in ("contiguous", "channels_last"):
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -253,7 +259,7 @@ def model_rows(device: torch.device, repeat: int) -> list[dict]:
     return rows
 
 
-def bert_rows(device: torch.device, repeat: int) -> list[dict]:
+def bert_rows(device: torch.device, repeat: int, smoke: bool = False) -> list[dict]:
     import transformers
 
     config = transformers.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -261,7 +267,7 @@ def bert_rows(device: torch.device, repeat: int) -> list[dict]:
     torch.manual_seed(0)
     base = transformers.BertForMaskedLM(config).to(device)
     models = {"original": base, "rms": normswap.convert(base, "rms"), "bert_ln": normswap.convert(base, "bert_ln")}
-    ids = torch.randint(8000, (8, 128), device=device)
+    ids = torch.randint(8000, (2, 16) if smoke else (8, 128), device=device)
 
     def step(m: nn.Module) -> Callable[[], None]:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
@@ -275,7 +281,8 @@ def bert_rows(device: torch.device, repeat: int) -> list[dict]:
         return run
 
     t = medians({k: step(m) for k, m in models.items()}, repeat, device, target_s=0.2)
-    row = {"what": "BERT (4 layers, hidden 256) train step, b8 x 128 tokens", "ms": {k: v * 1e3 for k, v in t.items()}}
+    row = {"what": f"BERT (4 layers, hidden 256) train step, b{ids.shape[0]} x {ids.shape[1]} tokens",
+           "ms": {k: v * 1e3 for k, v in t.items()}}
     print(f"  {row['what']}: rms / original {t['rms'] / t['original']:.2f}, "
           f"bert_ln / original {t['bert_ln'] / t['original']:.2f}", flush=True)
     return [row]
@@ -334,6 +341,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat, fp32 and bf16 everywhere: "
+                        "checks that every part runs (figures meaningless)")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     parser.add_argument("--skip", action="append", default=[], choices=["layers", "models", "bert"])
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default mmap threshold")
@@ -342,14 +351,16 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     device = torch.device(args.device)
-    repeat = 3 if args.quick else 7
+    repeat = 1 if args.smoke else 3 if args.quick else 7
     print(f"{machine(device)}, torch {torch.__version__}", flush=True)
     bw = copy_bandwidth(device, repeat)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
-    layers = [r for dt in dtypes for r in layer_rows(device, repeat, bw, dt)] if "layers" not in args.skip else []
-    models = model_rows(device, max(3, repeat // 2)) if "models" not in args.skip else []
-    bert = bert_rows(device, max(3, repeat // 2)) if "bert" not in args.skip else []
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" or args.smoke else [torch.float32]
+    layers = ([r for dt in dtypes for r in layer_rows(device, repeat, bw, dt, args.smoke)]
+              if "layers" not in args.skip else [])
+    model_repeat = 1 if args.smoke else max(3, repeat // 2)
+    models = model_rows(device, model_repeat, args.smoke) if "models" not in args.skip else []
+    bert = bert_rows(device, model_repeat, args.smoke) if "bert" not in args.skip else []
     section = markdown(device, bw, layers, models, bert)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
