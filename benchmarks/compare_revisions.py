@@ -57,7 +57,8 @@ def timed(fn, target=0.05):
     return statistics.median(samples)
 
 out = {}
-layers = [("RMSNorm 8x128x768", RMSNorm(768), (8, 128, 768)), ("BertLayerNorm 8x128x768", BertLayerNorm(768), (8, 128, 768)),
+layers = [("RMSNorm 8x128x768", RMSNorm(768), (8, 128, 768)),
+          ("BertLayerNorm 8x128x768", BertLayerNorm(768), (8, 128, 768)),
           ("ChannelLayerNorm 8x256x56x56", ChannelLayerNorm(256), (8, 256, 56, 56)),
           ("GhostBatchNorm2d v16 64x64x56x56", GhostBatchNorm2d(64, virtual_batch_size=16), (64, 64, 56, 56))]
 for name, m, shape in layers:

@@ -185,7 +185,8 @@ def layer_rows(device: torch.device, repeat: int, bw: float, dtype: torch.dtype 
         nbytes = x.numel() * x.element_size()
         limit_fwd, limit_bwd = 2 * nbytes / bw, 4 * nbytes / bw
         row = {"layer": name, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
-               "fwd_ms": t["ours/fwd"] * 1e3, "fwdbwd_ms": t["ours/fwdbwd"] * 1e3, "fwd_vs_limit": t["ours/fwd"] / limit_fwd,
+               "fwd_ms": t["ours/fwd"] * 1e3, "fwdbwd_ms": t["ours/fwdbwd"] * 1e3,
+               "fwd_vs_limit": t["ours/fwd"] / limit_fwd,
                "fwdbwd_vs_limit": t["ours/fwdbwd"] / limit_bwd, "vs": {}}
         for label in baselines:
             row["vs"][label] = (t["ours/fwd"] / t[f"{label}/fwd"], t["ours/fwdbwd"] / t[f"{label}/fwdbwd"],
@@ -312,12 +313,13 @@ def markdown(device: torch.device, bw: float, layers: list[dict], models: list[d
            f"{today}, torch {torch.__version__}, normswap {normswap.__version__}, fp32 unless noted; "
            f"fused CPU kernels: {native.status().split(':')[0]}; {malloc}. Copy bandwidth {bw / 1e9:.1f} GB/s.", "",
            "### Norm layers (ratios: time / time; below 1 means normswap's layer is faster)", "",
-           "| layer | shape | dtype | fwd / limit | fwd+bwd / limit | vs torch's layer: fwd, fwd+bwd (torch's own fwd+bwd / limit) |",
+           "| layer | shape | dtype | fwd / limit | fwd+bwd / limit "
+           "| vs torch's layer: fwd, fwd+bwd (torch's own fwd+bwd / limit) |",
            "|---|---|---|---|---|---|"]
     for r in layers:
         vs = "; ".join(f"{k}: {a:.2f}, {b:.2f} ({c:.2f})" for k, (a, b, c) in r["vs"].items())
-        out.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['fwd_vs_limit']:.2f} | {r['fwdbwd_vs_limit']:.2f} "
-                   f"| {vs} |")
+        out.append(f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['fwd_vs_limit']:.2f} "
+                   f"| {r['fwdbwd_vs_limit']:.2f} | {vs} |")
     out += ["", "Limit: the bytes a layer must move at least (forward: x in, y out; forward+backward adds dy in, "
             "dx out) at the machine's copy bandwidth (a 256 MB copy). Tensors that fit in cache can beat it. "
             "Goals on CPU fp32: fwd <= 2, fwd+bwd <= 3; on CUDA bf16: both <= 1.5, RMSNorm / F.rms_norm <= 1, "

@@ -142,8 +142,9 @@ def test_traced_and_compiled_calls_go_through_the_operator():
 @pytest.mark.parametrize("module", ["rms_norm", "bert_layer_norm"])
 def test_every_implementation_lays_out_its_statistics_alike(module):
     """A backward may run on another implementation than its forward (torch ops where the gradient has no
-    data pointer for the fused kernel, after a fused forward): the statistics agree, and torch ops' gradient from the fused kernel's
-    statistics is as close to float64's as the fused kernel's own (constant rows too: BERT's std is 0)."""
+    data pointer for the fused kernel, after a fused forward): the statistics agree, and torch ops' gradient
+    from the fused kernel's statistics is as close to float64's as the fused kernel's own (constant rows
+    too: BERT's std is 0)."""
     from normswap.norms import native
 
     if native.status().startswith("off"):

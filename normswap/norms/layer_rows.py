@@ -1,7 +1,7 @@
 """Plain LayerNorm over the rows of a 2-D tensor as a row kernel (:func:`~normswap.norms.row_norm.define_row_op`):
 ``y = (x - mean) / sqrt(var + eps) * weight + bias``, the biased variance. What Weight Standardization's
 ``"inside"`` form computes on a conv weight viewed as ``[out, fan_in]``
-(:func:`normswap.norms.std_conv.standardize`).
+(:func:`normswap.norms.std_conv.standardize_weight_fused`).
 
 On CUDA it is one Triton kernel forward and one backward that read the weight in its own dtype (bfloat16
 too) with float32 statistics; elsewhere torch's fused LayerNorm kernels (no CPU kernel of its own: torch's
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 from normswap.norms.row_norm import RowImpl, define_row_op, flat_param, layer_norm_backward
 

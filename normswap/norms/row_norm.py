@@ -211,8 +211,8 @@ class RowKernel:
 
 
 def _plain_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether a row kernel's call may skip the operator's dispatch (about 0.1 ms per forward and backward,
-    a third of a 768-wide layer's time at 1024 rows on a CPU thread): plain tensors with data (a
+    """Whether a row kernel's call may skip the operator's dispatch (about 70 us per forward and backward on a
+    CPU, a fifth of a 768-wide RMSNorm's time at 1024 rows on two threads): plain tensors with data (a
     ``torch.func`` transform's wrapper has none), no ``torch.compile`` / ``torch.export`` /
     ``torch.jit.trace`` tracing the call, no ``__torch_function__`` override or mode. Those see the operator."""
     return (type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
@@ -228,7 +228,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     torch.compile and torch.export see one opaque operator (no graph break, the fused CPU kernels run inside
     compiled graphs too); ``torch.library.opcheck`` checks each registration. In plain eager mode the kernel
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
-    per-call cost (see :func:`_plain_eager`: tracing, transforms and subclasses get the operator). The output is a fresh tensor, never a view of the input, so an in-place op after the norm
+    per-call cost (see :func:`_plain_eager`: tracing, transforms and subclasses get the operator). The
+    output is a fresh tensor, never a view of the input, so an in-place op after the norm
     (``ReLU(inplace=True)``) is allowed.
     """
     empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
