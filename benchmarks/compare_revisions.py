@@ -8,7 +8,8 @@ child process per side, base and working tree in alternating order, each timing 
 normswap on its path (``python -c`` with that checkout first on ``sys.path``) and printing its medians;
 the figure per case is the median over rounds of ``time(working tree) / time(base)`` taken in the same
 round, so a machine that slows down between rounds changes both sides alike. Below 1 means the working
-tree is faster. ``--threads`` (default 1) fixes torch's thread count in both children.
+tree is faster. ``--threads`` (default 1) fixes torch's thread count in both children; glibc's mmap
+threshold is raised as ``suite.py`` raises it (``--system-malloc`` keeps the default).
 
 Cases: the norm layers of ``benchmarks/suite.py`` (fp32, forward and forward+backward, training mode) and,
 with ``--models``, a resnet50 converted with ``gn_ws`` (train step and inference, 8 x 128 px) and a
@@ -106,6 +107,9 @@ print("RESULT " + json.dumps(out))
 
 def _run(checkout: pathlib.Path, args: argparse.Namespace) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if not args.system_malloc and sys.platform.startswith("linux"):  # as suite.py: freed outputs reused
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(args.threads), "1" if args.models else "0",
                            str(args.repeat)], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed repeats per case within one child")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", action="store_true", help="also the converted resnet50 and BERT")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default mmap threshold")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="normswap-base-") as tmp:
         base = pathlib.Path(tmp) / "base"
