@@ -201,23 +201,25 @@ class RowKernel:
     """A row norm as a callable ``kernel(x [rows, d], weight, bias, eps) -> (y, stats)`` (see
     :func:`define_row_op`); ``op`` is its ``torch.library`` operator, for ``opcheck`` and direct use."""
 
-    def __init__(self, op, eager: type[torch.autograd.Function]) -> None:
-        self.op, self._eager = op, eager
+    def __init__(self, op, eager: type[torch.autograd.Function], transformed: type[torch.autograd.Function]) -> None:
+        self.op, self._eager, self._transformed = op, eager, transformed
 
     def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-        if _plain_eager(x, weight, bias):
-            return self._eager.apply(x, weight, bias, eps)
+        if _untraced(x):
+            if all(t is None or native.has_data(t) for t in (x, weight, bias)):
+                return self._eager.apply(x, weight, bias, eps)
+            return self._transformed.apply(x, weight, bias, eps)
         return self.op(x, weight, bias, eps)
 
 
-def _plain_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+def _untraced(x: Tensor) -> bool:
     """Whether a row kernel's call may skip the operator's dispatch (about 70 us per forward and backward on a
-    CPU, a fifth of a 768-wide RMSNorm's time at 1024 rows on two threads): plain tensors with data (a
-    ``torch.func`` transform's wrapper has none), no ``torch.compile`` / ``torch.export`` /
-    ``torch.jit.trace`` tracing the call, no ``__torch_function__`` override or mode. Those see the operator."""
+    CPU, a fifth of a 768-wide RMSNorm's time at 1024 rows on two threads): a plain tensor, no
+    ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing the call, no ``__torch_function__``
+    override or mode. Those see the operator. A ``torch.func`` transform's tensors pass (their type is
+    ``Tensor``) but have no data pointer: the kernel gives them to a Function built for the transforms."""
     return (type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch.overrides.has_torch_function((x,)) and native.has_data(x)
-            and (weight is None or native.has_data(weight)) and (bias is None or native.has_data(bias)))
+            and not torch.overrides.has_torch_function((x,)))
 
 
 def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
@@ -228,8 +230,10 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     torch.compile and torch.export see one opaque operator (no graph break, the fused CPU kernels run inside
     compiled graphs too); ``torch.library.opcheck`` checks each registration. In plain eager mode the kernel
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
-    per-call cost (see :func:`_plain_eager`: tracing, transforms and subclasses get the operator). The
-    output is a fresh tensor, never a view of the input, so an in-place op after the norm
+    per-call cost (see :func:`_untraced`: tracing and subclasses get the operator). Under ``torch.func``
+    transforms another ``autograd.Function`` runs them, in the form the transforms require: ``grad``,
+    ``jacrev`` and ``vmap`` (per sample, through the operator) work, ``vmap(grad(...))`` too, for per-sample
+    gradients. The output is a fresh tensor, never a view of the input, so an in-place op after the norm
     (``ReLU(inplace=True)``) is allowed.
     """
     empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
@@ -277,7 +281,7 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
 
     class Eager(torch.autograd.Function):
         # forward(ctx, ...) rather than a separate setup_context: apply then costs ~50 us less (no argument
-        # binding for torch.func, which never reaches this class: its tensors have no data)
+        # binding for torch.func, whose tensors go to Transformed)
         @staticmethod
         def forward(ctx, x, weight, bias, eps):
             output = row_forward(impl, x, weight, bias, eps)
@@ -288,8 +292,34 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
         def backward(ctx, gy, _gstats):
             return grads(ctx, gy, backward)
 
+    class Transformed(torch.autograd.Function):
+        # torch.func runs forward on the unwrapped tensors (the fused kernels where they are plain) and
+        # backward on its wrappers, which have no data pointer: torch ops there, reading the fused kernels'
+        # statistics (one layout for every implementation)
+        @staticmethod
+        def forward(x, weight, bias, eps):
+            return row_forward(impl, x, weight, bias, eps)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            save(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, gy, _gstats):
+            return grads(ctx, gy, backward)
+
+        @staticmethod
+        def vmap(info, in_dims, x, weight, bias, eps):
+            def sample(t, dim, i):
+                return t if t is None or dim is None else t.select(dim, i)
+
+            parts = [fwd(sample(x, in_dims[0], i), sample(weight, in_dims[1], i), sample(bias, in_dims[2], i), eps)
+                     for i in range(info.batch_size)]
+            return (torch.stack([y for y, _ in parts]), torch.stack([s for _, s in parts])), (0, 0)
+
     Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
-    return RowKernel(fwd, Eager)
+    Transformed.__name__ = Transformed.__qualname__ = f"{name}_transformed"
+    return RowKernel(fwd, Eager, Transformed)
 
 
 def flat_param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
