@@ -204,3 +204,14 @@ def test_every_implementation_lays_out_its_statistics_alike(module):
     for ref, own, other in zip(exact, fused, crossed):
         tol = 4 * float((own.double() - ref).abs().max()) + torch.finfo(torch.float32).eps * float(ref.abs().max())
         assert float((other.double() - ref).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_meta_tensors_go_through_the_operators_fake_kernel(name):
+    """Shape-only runs (meta-device models) worked through the operator before the eager path existed."""
+    x, w, b, eps = (t.to("meta").detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t
+                    for t in _args(torch.float32, True, True))
+    y, stats = OPS[name](x, w, b, eps)
+    assert y.is_meta and y.shape == x.shape and stats.shape[0] == x.shape[0]
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    assert (gx.shape, gw.shape, gb.shape) == (x.shape, w.shape, b.shape)
