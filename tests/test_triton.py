@@ -41,6 +41,13 @@ CHECK = textwrap.dedent('''
             y = (x - mean) / (std + eps)
         return y * (w if w is not None else 1) + (b if b is not None else 0)
 
+    def close(got, exp, approx, dtype):
+        """(ok, diff, tol): within 4x the float32 formula's own error of float64, plus a rounding of dtype."""
+        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        diff = float((got.double() - exp.double()).abs().max())
+        tol = 4 * float((approx.double() - exp.double()).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
+        return diff <= tol, diff, tol
+
     def run(kind, x, w, b, eps, gy):
         leaves = [t for t in (x, w, b) if t is not None]
         for t in leaves:
@@ -78,15 +85,10 @@ CHECK = textwrap.dedent('''
             out.backward(gy.to(cdt))
             refs.append((out.detach(), [t.grad for t in leaves if t is not None]))
         (ref, ref_grads), (f32, f32_grads) = refs
-        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-        def close(got, exp, approx):
-            diff = float((got.double() - exp.double()).abs().max())
-            tol = 4 * float((approx.double() - exp.double()).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
-            return diff <= tol, diff, tol
-        checks = [("y", *close(y, ref, f32))]
+        checks = [("y", *close(y, ref, f32, dtype))]
         names = ["dx"] + (["dw"] if has_w else []) + (["db"] if has_b else [])
         for name, got, exp, approx in zip(names, grads, ref_grads, f32_grads):
-            checks.append((name, *close(got, exp, approx)))
+            checks.append((name, *close(got, exp, approx, dtype)))
         for name, ok, diff, tol in checks:
             if not ok:
                 failures += 1
@@ -114,11 +116,9 @@ CHECK = textwrap.dedent('''
             out = torch.nn.functional.layer_norm(xr, (shape[1],), params[0], params[1], layer.eps)
             out.backward(gy.to(cdt).movedim(1, -1))
             refs.append([out.detach().movedim(-1, 1), xr.grad.movedim(-1, 1)] + ([p.grad for p in params] if affine else []))
-        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
         for name, g, exp, approx in zip(["y", "dx", "dw", "db"], got, refs[0], refs[1]):
-            diff = float((g.double() - exp).abs().max())
-            tol = 4 * float((approx.double() - exp).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
-            if not diff <= tol:
+            ok, diff, tol = close(g, exp, approx, dtype)
+            if not ok:
                 failures += 1
                 print("FAIL channel", dtype, shape, affine, name, diff, tol)
 
@@ -143,11 +143,10 @@ CHECK = textwrap.dedent('''
             out = std_conv.standardize_weight(leaf, 1e-6, mode)
             out.backward(gw.to(cdt))
             refs.append((out.detach(), leaf.grad))
-        rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
-        for name, g, exp, approx in (("w", got.detach(), refs[0][0], refs[1][0]), ("dw", conv.weight.grad, refs[0][1], refs[1][1])):
-            diff = float((g.double() - exp).abs().max())
-            tol = 4 * float((approx.double() - exp).abs().max()) + rounding * float(exp.abs().max()) + 1e-6
-            if not (g.dtype == dtype and diff <= tol):
+        for name, g, exp, approx in (("w", got.detach(), refs[0][0], refs[1][0]),
+                                     ("dw", conv.weight.grad, refs[0][1], refs[1][1])):
+            ok, diff, tol = close(g, exp, approx, dtype)
+            if not (g.dtype == dtype and ok):
                 failures += 1
                 print("FAIL ws", dtype, shape, mode, name, g.dtype, diff, tol)
 
