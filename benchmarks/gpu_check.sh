@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_check.sh                 # results under $OUT (or benchmarks/gpu_results)
 #   DEVICE=cpu SKIP_SUITE=1 bash benchmarks/gpu_check.sh   # a dry run of the script itself on a CPU
 #
-# 1. pytest -m gpu (tests/test_triton.py: the Triton row kernels natively; tests/test_gpu.py: each layer against its formula in fp32/bf16/fp16, converted models
+# 1. pytest -m gpu (tests/test_triton.py: the Triton kernels natively; tests/test_gpu.py: each layer against its formula in fp32/bf16/fp16, converted models
 #    on CUDA against the CPU on the same weights, opcheck of every normswap operator, compile, scripting);
 # 2. normswap validate --device cuda on timm and HF models with several specs;
 # 3. benchmarks/suite.py --device cuda --quick (tables with date, torch version and GPU name; every layer in
-#    fp32 and bf16, against torch's layers, Liger-Kernel's RMSNorm / LayerNorm where installed, Ghost
+#    fp32 and bf16, against torch's layers (GroupNorm on channels_last inputs against nn.GroupNorm on
+#    contiguous and channels_last ones), Liger-Kernel's RMSNorm / LayerNorm where installed, Ghost
 #    BatchNorm's split/cat and reshaped-batch forms, Weight Standardization's torch ops).
 # Nothing is installed from elsewhere: the working tree is put on PYTHONPATH, and wheels found in .whl/ (for
 # Liger-Kernel, which the GPU image lacks: `echo /.whl/ >> .git/info/exclude; pip download --no-deps

@@ -51,6 +51,7 @@ from bench_layers import _fwd, _fwd_bwd  # noqa: E402
 from normswap.norms.bert_layer_norm import BertLayerNorm  # noqa: E402
 from normswap.norms.channel_layer_norm import ChannelLayerNorm  # noqa: E402
 from normswap.norms.ghost_batch_norm import GhostBatchNorm2d  # noqa: E402
+from normswap.norms.group_norm import GroupNorm  # noqa: E402
 from normswap.norms.rms_norm import RMSNorm  # noqa: E402
 from normswap.norms.std_conv import standardize_weight_fused, standardize_weight  # noqa: E402
 
@@ -143,10 +144,11 @@ def layer_cases(device: torch.device, smoke: bool = False) -> list[tuple]:
     a baseline given with a memory format gets the input in that format. ``smoke``: tiny shapes."""
     cl, contiguous = torch.channels_last, torch.contiguous_format
     cases = [
-        ("GroupNorm (32 groups; gn, gn_ws)", nn.GroupNorm(32, 256), {"nn.GroupNorm": nn.GroupNorm(32, 256)},
+        ("GroupNorm (32 groups; gn, gn_ws)", GroupNorm(32, 256), {"nn.GroupNorm": nn.GroupNorm(32, 256)},
          (8, 256, 56, 56), contiguous),
-        ("GroupNorm, channels_last input (gn, gn_ws)", nn.GroupNorm(32, 256),
-         {"the same, contiguous input": (nn.GroupNorm(32, 256), contiguous)}, (8, 256, 56, 56), cl),
+        ("GroupNorm, channels_last input (gn, gn_ws)", GroupNorm(32, 256),
+         {"nn.GroupNorm, contiguous input": (nn.GroupNorm(32, 256), contiguous),
+          "nn.GroupNorm, channels_last input": nn.GroupNorm(32, 256)}, (8, 256, 56, 56), cl),
         ("ChannelLayerNorm (ln from BatchNorm)", ChannelLayerNorm(256), {"timm LayerNorm2d": _timm_ln2d(256)},
          (8, 256, 56, 56), contiguous),
         ("RMSNorm (rms)", RMSNorm(768), {"nn.RMSNorm (F.rms_norm)": nn.RMSNorm(768), "nn.LayerNorm": nn.LayerNorm(768),

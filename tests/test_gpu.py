@@ -18,6 +18,7 @@ import normswap
 from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
 from normswap.norms.channel_layer_norm import ChannelLayerNorm
 from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+from normswap.norms.group_norm import GroupNorm
 from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
 from normswap.norms.std_conv import standardize_conv
 
@@ -140,6 +141,70 @@ def test_a_converted_cnn_on_cuda_matches_the_cpu_on_the_same_weights(spec):
     y.square().mean().backward()
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_on_channels_last_input_computes_its_formula_and_keeps_the_layout(dtype):
+    """The Triton GroupNorm (channels_last input): output and gradients against F.group_norm in float64, the
+    same derived tolerances as the other layers; output and input gradient stay channels_last."""
+    from normswap.norms import triton_groups
+
+    torch.manual_seed(0)
+    c, groups = 96, 32
+    layer = GroupNorm(groups, c).cuda()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(4, c, 15, 17, device="cuda") * 3 + 1).to(dtype).to(memory_format=torch.channels_last)
+    assert triton_groups.usable(x)
+    x.requires_grad_(True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    refs = {}
+    for cdt in (torch.float64, torch.float32):
+        leaves = [t.detach().to(cdt).requires_grad_(True) for t in (x, layer.weight, layer.bias)]
+        out = torch.nn.functional.group_norm(leaves[0], groups, leaves[1], leaves[2], layer.eps)
+        out.backward(gy.to(cdt))
+        refs[cdt] = [out.detach()] + [t.grad for t in leaves]
+    rounding = _eps(dtype) if dtype != torch.float32 else 0.0
+    rows = x.numel() // c  # each parameter gradient sums this many products gy * x_hat (|x_hat| <= sqrt(size))
+    term = rounding * rows ** 0.5 * float(gy.abs().max()) * (x.numel() // (x.shape[0] * groups)) ** 0.5
+    got_all = [y.detach(), x.grad, layer.weight.grad, layer.bias.grad]
+    for i, (got, exact, approx) in enumerate(zip(got_all, refs[torch.float64], refs[torch.float32])):
+        tol = 4 * _max_diff(approx, exact) + rounding * float(exact.abs().max()) + 1e-6 + (term if i > 1 else 0)
+        assert _max_diff(got, exact) <= tol, (i, _max_diff(got, exact), tol)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_operator_passes_opcheck_on_cuda(memory_format, dtype):
+    x = torch.randn(2, 16, 5, 7, device="cuda", dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
+    w = torch.rand(16, device="cuda", requires_grad=True)
+    b = torch.rand(16, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.normswap.group_norm.default, (x, w, b, 4, 1e-5))
+
+
+def test_a_gn_ws_model_in_channels_last_on_cuda_matches_the_cpu_and_stays_channels_last():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    cpu = normswap.convert(timm.create_model("resnet18", pretrained=False, num_classes=10), "gn_ws").eval()
+    cuda = copy.deepcopy(cpu).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64)
+    seen = []
+    for m in cuda.modules():
+        if isinstance(m, GroupNorm):
+            m.register_forward_hook(
+                lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        expected = cpu(x)
+        got = cuda(x.cuda().to(memory_format=torch.channels_last)).cpu()
+        ref = copy.deepcopy(cpu).double()(x.double())
+    assert seen and all(seen)
+    noise = float((expected.double() - ref).abs().max())
+    assert float((got - expected).abs().max()) <= 20 * noise + 1e-5
 
 
 def test_ghost_batch_norm_on_cuda_matches_the_cpu_in_train_mode_and_running_statistics():

@@ -1,8 +1,8 @@
-"""The Triton kernels (``normswap/norms/triton_rows.py``, ``triton_channels.py``) against float64
-references, forward and backward, float32/bfloat16/float16, odd sizes, non-contiguous inputs, with and
-without weight and bias: RMSNorm, BERT LayerNorm, the plain LayerNorm rows, ChannelLayerNorm and Weight
-Standardization of conv weights (both eps forms, through a standardized conv); and every kernel variant
-compiled for a CUDA target.
+"""The Triton kernels (``normswap/norms/triton_rows.py``, ``triton_channels.py``, ``triton_groups.py``) against
+float64 references, forward and backward, float32/bfloat16/float16, odd sizes, non-contiguous inputs, with and
+without weight and bias: RMSNorm, BERT LayerNorm, the plain LayerNorm rows, ChannelLayerNorm, Weight
+Standardization of conv weights (both eps forms, through a standardized conv) and GroupNorm on channels-last
+inputs; and every kernel variant compiled for a CUDA target.
 
 On this CPU-only machine they run in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) in a
 child process (the interpreter switch is read when Triton defines the kernels); under the ``gpu`` marker
@@ -150,6 +150,52 @@ CHECK = textwrap.dedent('''
                 failures += 1
                 print("FAIL ws", dtype, shape, mode, name, g.dtype, diff, tol)
 
+    # GroupNorm on channels-last inputs (4-D, 5-D, and [N, C, L] views of [N, L, C]): odd channel and group
+    # counts, more than one channel block (320) and several position tiles per sample; then a constant group
+    from normswap.norms import triton_groups
+    from normswap.norms.group_norm import GroupNorm
+    shapes = [((2, 16, 5, 7), 4), ((3, 33, 9, 13), 11), ((2, 6, 3, 4, 5), 3), ((2, 320, 150), 32), ((1, 8, 97), 8)]
+    if not full:
+        shapes = [shapes[1], shapes[3]]
+    cases = [(dtype, shape, affine, False) for dtype, shape, affine in itertools.product(DTYPES, shapes, [True, False])]
+    for dtype, (shape, groups), affine, constant in cases + [(torch.float32, ((2, 12, 6, 5), 3), True, True)]:
+        layer = GroupNorm(groups, shape[1], affine=affine).to(device)
+        if affine:
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+        base = torch.randn(shape[0], *shape[2:], shape[1], device=device) * 2 + 0.5
+        if constant:  # sample 0, group 0: variance 0 (its rstd 1 / sqrt(eps) scales its input gradient up)
+            base[0, ..., :shape[1] // groups] = 0.75
+        x = base.movedim(-1, 1).to(dtype).requires_grad_(True)
+        assert triton_groups.usable(x.detach()), "the Triton kernels do not run"
+        gy = torch.randn(shape, device=device).to(dtype)
+        y = layer(x)
+        y.backward(gy)
+        got = [y.detach(), x.grad] + ([layer.weight.grad, layer.bias.grad] if affine else [])
+        if y.stride() != x.stride() or x.grad.stride() != x.stride():
+            failures += 1
+            print("FAIL group layout", shape, y.stride(), x.grad.stride(), x.stride())
+        refs = []
+        for cdt in (torch.float64, torch.float32):
+            xr = x.detach().to(cdt).contiguous().requires_grad_(True)
+            params = ([p.detach().to(cdt).requires_grad_(True) for p in (layer.weight, layer.bias)] if affine
+                      else [None, None])
+            out = torch.nn.functional.group_norm(xr, groups, params[0], params[1], layer.eps)
+            out.backward(gy.to(cdt))
+            refs.append([out.detach(), xr.grad] + ([p.grad for p in params] if affine else []))
+        for name, g, exp, approx in zip(["y", "dx", "dw", "db"], got, refs[0], refs[1]):
+            ok, diff, tol = close(g, exp, approx, dtype)
+            if not ok:
+                failures += 1
+                print("FAIL group", dtype, shape, groups, affine, constant, name, diff, tol)
+
+    # the GroupNorm operator on its Triton path passes opcheck (fake kernel, autograd, AOT dispatch)
+    from normswap.norms.group_norm import group_norm_op
+    x = torch.randn(2, 12, 5, 6, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    w, b = torch.rand(12, device=device).requires_grad_(True), torch.randn(12, device=device).requires_grad_(True)
+    torch.library.opcheck(group_norm_op, (x, w, b, 4, 1e-5))
+
     # constant rows: BERT's std is 0 there; the output is the bias and the gradient finite (no 0 / 0)
     x = torch.full((4, 16), 3.0, device=device).requires_grad_(True)
     w = torch.rand(16, device=device).requires_grad_(True)
@@ -186,12 +232,36 @@ COMPILE = textwrap.dedent('''
         build(k.row_forward_kernel, {"X": "bf16", "W": "fp32", "B": "fp32", "Y": "bf16", "S": "fp32"},
               {"stride_x": "i32", "stride_y": "i32", "n": "i32", "eps": "fp32"},
               {"KIND": kind, "HAS_W": False, "HAS_B": False, "BLOCK": 32768}, warps=16)
+    for dt, has_w, has_b in itertools.product(["fp32", "bf16"], [True, False], [True, False]):
         build(k.channel_forward_kernel, {"X": dt, "W": "fp32", "B": "fp32", "Y": dt, "MEAN": "fp32", "RSTD": "fp32"},
               {"c": "i32", "s": "i32", "eps": "fp32"}, {"HAS_W": has_w, "HAS_B": has_b, "BLOCK_C": 64, "BLOCK_S": 64})
         build(k.channel_backward_kernel, {"DY": dt, "X": dt, "MEAN": "fp32", "RSTD": "fp32", "W": "fp32", "DX": dt,
                                           "DW": "fp32", "DB": "fp32"},
               {"c": "i32", "s": "i32", "tiles_per_sample": "i32"},
               {"HAS_W": has_w, "NEED_X": True, "NEED_W": has_w, "NEED_B": has_b, "BLOCK_C": 64, "BLOCK_S": 64})
+        build(k.group_apply_kernel, {"X": dt, "W": "fp32", "B": "fp32", "MEAN": "fp32", "RSTD": "fp32", "Y": dt},
+              {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "tiles_s": "i32"},
+              {"HAS_W": has_w, "HAS_B": has_b, "BLOCK_S": 16, "BLOCK_C": 256})
+        build(k.group_dx_kernel, {"DY": dt, "X": dt, "W": "fp32", "MEAN": "fp32", "RSTD": "fp32", "COEF_G": "fp32",
+                                  "COEF_GH": "fp32", "DX": dt},
+              {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "tiles_s": "i32"},
+              {"HAS_W": has_w, "BLOCK_S": 16, "BLOCK_C": 256})
+    for dt in ("fp32", "bf16"):
+        build(k.group_stats_kernel, {"X": dt, "PMEAN": "fp32", "PM2": "fp32"},
+              {"s": "i32", "c": "i32", "rows_per_program": "i32"}, {"BLOCK_S": 16, "BLOCK_C": 256})
+        build(k.group_grad_sums_kernel, {"DY": dt, "X": dt, "MEAN": "fp32", "RSTD": "fp32", "PDY": "fp32",
+                                         "PDYH": "fp32"},
+              {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "rows_per_program": "i32"},
+              {"BLOCK_S": 16, "BLOCK_C": 256})
+    build(k.group_finalize_kernel, {"PMEAN": "fp32", "PM2": "fp32", "MEAN": "fp32", "RSTD": "fp32"},
+          {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "tiles": "i32", "rows_per_program": "i32",
+           "eps": "fp32"},
+          {"BLOCK_T": 64, "BLOCK_K": 8})
+    for has_w in (True, False):
+        build(k.group_grad_finalize_kernel, {"PDY": "fp32", "PDYH": "fp32", "W": "fp32", "SDY": "fp32", "SDYH": "fp32",
+                                             "COEF_G": "fp32", "COEF_GH": "fp32"},
+              {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "tiles": "i32"},
+              {"HAS_W": has_w, "BLOCK_T": 64, "BLOCK_K": 8})
     print("compiled")
 ''')
 

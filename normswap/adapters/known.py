@@ -201,7 +201,7 @@ def read_unsized_norm(m: nn.Module) -> NormInfo:
 
 @register_adapter(
     "torch.nn.modules.normalization.GroupNorm", "timm.layers.norm.GroupNorm", "timm.layers.norm.GroupNorm1",
-    "timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act",
+    "timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act", "normswap.norms.group_norm.GroupNorm",
 )
 def read_group_norm(m: nn.Module) -> NormInfo:
     info = NormInfo(kind="group", num_features=m.num_channels, eps=float(m.eps), channels_first=True,

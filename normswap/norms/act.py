@@ -27,6 +27,17 @@ class ActDropMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(self._norm_forward(x)))  # type: ignore[attr-defined]
 
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time, so pickle (torch.save of a whole model, deepcopy) names the norm class
+        # it was made from, and a fresh process makes it again
+        return _instance, (self._norm_class,), self.__dict__  # type: ignore[attr-defined]
+
+
+def _instance(norm_cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``act_class(norm_cls)``, which unpickling then fills with the saved state."""
+    cls = act_class(norm_cls)
+    return cls.__new__(cls)
+
 
 def _renamed(forward: Callable) -> Callable:
     """``forward`` as a function named ``_norm_forward`` (TorchScript compiles a method called on ``self``
@@ -51,11 +62,9 @@ def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
     cls = _ACT_CLASSES.get(norm_cls)
     if cls is None:
         name = f"{norm_cls.__name__}Act"
-        cls = type(name, (ActDropMixin, norm_cls),
-                   {"__module__": __name__, "__qualname__": name, "_norm_forward": _renamed(norm_cls.forward)})
+        cls = type(name, (ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name,
+                                                    "_norm_forward": _renamed(norm_cls.forward), "_norm_class": norm_cls})
         _ACT_CLASSES[norm_cls] = cls
-        # module-level name so that pickling a whole model can find the class again
-        globals().setdefault(name, cls)
     return cls
 
 

@@ -28,7 +28,9 @@ _STATS = {"rms": 1, "bert": 3, "layer": 2}
 MAX_FUSED = 65536  # values of one row a program holds in registers
 
 
+@functools.cache
 def _interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter on CPU tensors (read once, like the kernels)."""
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("NORMSWAP_TRITON") == "1"
 
 

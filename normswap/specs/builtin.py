@@ -13,6 +13,7 @@ from torch import nn
 from ..adapters.base import NormInfo
 from ..errors import OptionError
 from ..norms.channel_layer_norm import ChannelLayerNorm
+from ..norms.group_norm import GroupNorm, group_norm
 from ..norms.unsized import UnsizedNorm
 from .base import WSConfig, register_spec
 from .options import Range
@@ -32,12 +33,12 @@ def _gn_functional(x, running_mean=None, running_var=None, weight=None, bias=Non
                    eps=1e-5, *, spec_options):
     """A functional ``F.batch_norm`` call rewritten to GroupNorm, the group count chosen from x's channels."""
     groups, _ = choose_groups(x.shape[1], spec_options.get("groups"), spec_options.get("group_size"))
-    return F.group_norm(x, groups, weight, bias, _eps(eps, spec_options))
+    return group_norm(x, groups, weight, bias, _eps(eps, spec_options))
 
 
 def _in_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, *, spec_options):
-    return F.group_norm(x, x.shape[1], weight, bias, _eps(eps, spec_options))
+    return group_norm(x, x.shape[1], weight, bias, _eps(eps, spec_options))
 
 
 def _ln_from_bn_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
@@ -53,8 +54,7 @@ def _ln_from_rms_functional(x, normalized_shape, weight=None, eps=None, *, spec_
 
 def _group_norm(info: NormInfo, groups: int | None, group_size: int | None, eps: float | None) -> nn.Module:
     num_groups, note = choose_groups(info.num_features, groups, group_size)
-    gn = nn.GroupNorm(num_groups, info.num_features, eps=info.eps if eps is None else eps,
-                      affine=info.weight is not None)
+    gn = GroupNorm(num_groups, info.num_features, eps=info.eps if eps is None else eps, affine=info.weight is not None)
     if note:
         info.notes.append(note)
     return gn
@@ -105,7 +105,7 @@ def instance_norm(info: NormInfo, *, eps: Eps = None) -> nn.Module:
     cls = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}.get(info.spatial_dims or 0)
     if cls is None:
         info.notes.append("instance norm written as GroupNorm(C, C), which works for any spatial rank")
-        return nn.GroupNorm(info.num_features, info.num_features, eps=eps, affine=affine)
+        return GroupNorm(info.num_features, info.num_features, eps=eps, affine=affine)
     return cls(info.num_features, eps=eps, affine=affine, track_running_stats=False)
 
 
