@@ -221,3 +221,19 @@ def test_meta_tensors_go_through_the_operators_fake_kernel(name):
     assert y.is_meta and y.shape == x.shape and stats.shape[0] == x.shape[0]
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
     assert (gx.shape, gw.shape, gb.shape) == (x.shape, w.shape, b.shape)
+
+
+def test_compiling_the_layers_traces_into_no_cached_helper():
+    """The layers ask whether their Triton kernels apply; under torch.compile those checks must not be
+    ``functools.cache``d functions Dynamo traces into (it warns, and their cached state is not theirs there)."""
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+    from normswap.norms.group_norm import GroupNorm
+
+    cases = [(ChannelLayerNorm(8), torch.randn(2, 8, 5, 5, dtype=torch.bfloat16)),
+             (GroupNorm(2, 8), torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last))]
+    for layer, x in cases:
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+        assert not [str(w.message) for w in seen if "lru_cache" in str(w.message)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_rows import _block, _cdiv, _interpreting, kernels
+from .triton_rows import _block, _cdiv, _interpreting, available, kernels
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements of one program's tile: channels x positions
@@ -30,7 +30,7 @@ def usable(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return False
-    return x.is_contiguous() and _block(x.shape[1]) <= _TILE and kernels() is not None
+    return x.is_contiguous() and _block(x.shape[1]) <= _TILE and available()
 
 
 def _tiles(c: int, s: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from normswap.norms.native import has_data
-from normswap.norms.triton_rows import _block, _cdiv, _interpreting, kernels
+from normswap.norms.triton_rows import _block, _cdiv, _interpreting, available, kernels
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements one program holds per step: positions x channels
@@ -48,7 +48,7 @@ def usable(x: Tensor) -> bool:
         return False  # first, and cheap: every GroupNorm call on a CPU asks
     if os.environ.get("NORMSWAP_TRITON") == "0" or x.dtype not in _DTYPES:
         return False
-    return channels_last_dense(x) and x.numel() > 0 and has_data(x) and kernels() is not None
+    return channels_last_dense(x) and x.numel() > 0 and has_data(x) and available()
 
 
 def _layout(x: Tensor) -> tuple[int, int, int, int, int, int]:

@@ -9,7 +9,7 @@ Rows of more than ``MAX_FUSED`` values (one program holds a whole row) are left 
 input gradient row by row and the weight and bias gradients as float32 partial sums over blocks of rows,
 added up at the end. Without Triton or CUDA nothing here runs: the layers keep their CPU kernels and the
 torch-ops path. Triton's interpreter runs the same kernels on CPU tensors for the tests: set
-``TRITON_INTERPRET=1`` and ``NORMSWAP_TRITON=1`` before the first use.
+``TRITON_INTERPRET=1`` and ``NORMSWAP_TRITON=1`` before normswap is imported.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ _STATS = {"rms": 1, "bert": 3, "layer": 2}
 MAX_FUSED = 65536  # values of one row a program holds in registers
 
 
-@functools.cache
+# read once, at import (the interpreter switch must be set before the kernels are defined anyway)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("NORMSWAP_TRITON") == "1"
+
+
 def _interpreting() -> bool:
-    """Whether the kernels run in Triton's interpreter on CPU tensors (read once, like the kernels)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("NORMSWAP_TRITON") == "1"
+    """Whether the kernels run in Triton's interpreter on CPU tensors (the tests' switch, read at import)."""
+    return _INTERPRETING
 
 
 @functools.cache
@@ -45,6 +48,12 @@ def kernels():
     return triton_kernels
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, without tracing into the cache
+def available() -> bool:
+    """Whether the Triton kernels can be loaded here (see :func:`kernels`)."""
+    return kernels() is not None
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -56,7 +65,7 @@ def usable(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return False
-    return 2 <= x.shape[1] <= MAX_FUSED and has_data(x) and kernels() is not None
+    return 2 <= x.shape[1] <= MAX_FUSED and has_data(x) and available()
 
 
 def _rows_last_contiguous(t: Tensor) -> Tensor:
