@@ -124,15 +124,23 @@ def test_the_eager_path_computes_what_the_operator_computes(name, dtype):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_row_kernels_work_under_torch_func_transforms(name):
-    """vmap (the operator per sample), grad, jacrev and vmap(grad) -- per-sample gradients -- against
-    autograd. A transform's backward runs torch ops on its wrappers, autograd the fused kernel: each within
-    float32's own error of the float64 gradient (the fused kernel's error, 4x, plus a rounding of the
-    largest value)."""
+    """vmap (one call for shared parameters, else per sample), grad, jacrev and vmap(grad) -- per-sample
+    gradients -- against autograd. A transform's backward runs torch ops on its wrappers, autograd the fused
+    kernel: each within float32's own error of the float64 gradient (the fused kernel's error, 4x, plus a
+    rounding of the largest value)."""
     kernel = OPS[name]
     x, w, b, eps = (t.detach() if isinstance(t, torch.Tensor) else t for t in _args(torch.float32, True, True))
     fn = lambda rows: kernel(rows, w, b, eps)[0]  # noqa: E731
     batched = torch.stack([x, 2 * x + 1])
     torch.testing.assert_close(torch.func.vmap(fn)(batched), torch.stack([fn(batched[0]), fn(batched[1])]))
+    # the batch dim elsewhere; batched parameters (one weight per sample, with and without batched rows)
+    torch.testing.assert_close(torch.func.vmap(fn, in_dims=1)(batched.transpose(0, 1)), torch.func.vmap(fn)(batched))
+    ws = torch.stack([w, 2 * w])
+    per_weight = lambda rows, weight: kernel(rows, weight, b, eps)[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(per_weight)(batched, ws),
+                               torch.stack([per_weight(batched[i], ws[i]) for i in range(2)]))
+    torch.testing.assert_close(torch.func.vmap(per_weight, in_dims=(None, 0))(x, ws),
+                               torch.stack([per_weight(x, ws[i]) for i in range(2)]))
 
     def grad_ok(got, rows):
         refs = []
@@ -165,7 +173,10 @@ def test_per_sample_gradients_of_a_converted_layer_with_torch_func():
     def loss(p, sample):
         return torch.func.functional_call(layer, p, (sample,)).pow(2).sum()
 
-    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)["weight"]
+    with torch.profiler.profile() as prof:
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)["weight"]
+    # the parameters are shared: one call of the operator normalizes every sample's rows
+    assert sum(e.name == "normswap::rms_norm_rows" for e in prof.events()) == 1
     for i in range(3):
         layer.zero_grad()
         layer(x[i]).pow(2).sum().backward()

@@ -233,8 +233,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
     per-call cost (see :func:`_untraced`: tracing and subclasses get the operator). Under ``torch.func``
     transforms another ``autograd.Function`` runs them, in the form the transforms require: ``grad``,
-    ``jacrev`` and ``vmap`` (per sample, through the operator) work, ``vmap(grad(...))`` too, for per-sample
-    gradients. The output is a fresh tensor, never a view of the input, so an in-place op after the norm
+    ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
+    operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor, never a view of the input, so an in-place op after the norm
     (``ReLU(inplace=True)``) is allowed.
     """
     empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
@@ -311,6 +311,12 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
 
         @staticmethod
         def vmap(info, in_dims, x, weight, bias, eps):
+            if in_dims[0] is not None and in_dims[1] is None and in_dims[2] is None:
+                # shared parameters (per-sample gradients): the samples' rows are rows too, one call for all
+                batched = x.movedim(in_dims[0], 0)
+                y, stats = fwd(batched.reshape(-1, batched.shape[-1]), weight, bias, eps)
+                return (y.view(batched.shape), stats.view(*batched.shape[:2], -1)), (0, 0)
+
             def sample(t, dim, i):
                 return t if t is None or dim is None else t.select(dim, i)
 
