@@ -178,6 +178,24 @@ def test_group_norm_on_channels_last_input_computes_its_formula_and_keeps_the_la
         assert _max_diff(got, exact) <= tol, (i, _max_diff(got, exact), tol)
 
 
+def test_group_norm_under_autocast_returns_what_torchs_returns():
+    """CUDA autocast runs torch's GroupNorm in float32: normswap's on a channels_last input does too (float32
+    output, channels_last kept), and its gradient reaches the bf16 input."""
+    torch.manual_seed(0)
+    ours, theirs = GroupNorm(4, 32).cuda(), nn.GroupNorm(4, 32).cuda()
+    x = torch.randn(2, 32, 9, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, expected = ours(x), theirs(x.detach())
+    assert y.dtype == expected.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    exact = torch.nn.functional.group_norm(x.detach().double(), 4, ours.weight.double(), ours.bias.double(), ours.eps)
+    # torch's float32 error of the float64 result bounds ours (4x), plus a rounding of the largest value
+    tol = 4 * _max_diff(expected, exact) + _eps(torch.float32) * float(exact.abs().max())
+    assert _max_diff(y.detach(), exact) <= tol
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_operator_passes_opcheck_on_cuda(memory_format, dtype):

@@ -4,8 +4,9 @@ Wu & He 2018, "Group Normalization": statistics over each group of channels of o
 not depend on the batch. :class:`GroupNorm` is ``nn.GroupNorm`` (same constructor, parameters and state-dict
 keys) whose forward runs :func:`group_norm`: on a channels_last CUDA tensor the Triton kernels of
 :mod:`normswap.norms.triton_groups` (torch's own GroupNorm makes that input contiguous and returns a
-contiguous output), everywhere else ``F.group_norm``, which is also what ``torch.compile``, ``torch.export``
-and ``torch.jit.script`` see, so that the compilers fuse it with its neighbours.
+contiguous output; under CUDA autocast both compute and return float32), everywhere else ``F.group_norm``,
+which is also what ``torch.compile``, ``torch.export`` and ``torch.jit.script`` see, so that the compilers
+fuse it with its neighbours.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def _autograd_backward(ctx, gy, _gmean, _grstd):
 
 
 group_norm_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# CUDA autocast runs torch's group_norm in float32 (half inputs give a float32 output): the operator too
+group_norm_op.register_autocast("cuda", torch.float32)
 
 
 def _valid(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> bool:
