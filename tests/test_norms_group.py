@@ -66,6 +66,23 @@ def test_the_operator_computes_torchs_group_norm_in_the_inputs_layout(dtype, mem
         assert float((got.detach().double() - exact).abs().max()) <= tol
 
 
+def test_the_eager_path_computes_what_the_operator_computes():
+    """Plain eager calls skip the operator's dispatch through an autograd.Function over the same forward and
+    backward: outputs and gradients equal bit for bit (here on torch's kernel; the Triton path is checked the
+    same way under the interpreter in tests/test_triton.py)."""
+    from normswap.norms.group_norm import _Eager
+
+    x = _inputs((2, 12, 5, 4), torch.float32, torch.channels_last).requires_grad_()
+    w, b = torch.linspace(0.5, 1.5, 12).requires_grad_(), torch.linspace(-1, 1, 12).requires_grad_()
+    gy = _inputs((2, 12, 5, 4), torch.float32, torch.channels_last, seed=3)
+    results = []
+    for call in (lambda: group_norm_op(x, w, b, 3, 1e-5)[0], lambda: _Eager.apply(x, w, b, 3, 1e-5)):
+        y = call()
+        results.append([y, *torch.autograd.grad(y, (x, w, b), gy)])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
 def test_the_layer_is_nn_group_norm_with_the_same_keys_and_math():
     ours, theirs = GroupNorm(4, 8), nn.GroupNorm(4, 8)
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("triton")
 
 CHECK = textwrap.dedent('''
-    import itertools, sys
+    import itertools, sys, warnings
     import torch
     from normswap.norms import triton_rows
     from normswap.norms.bert_layer_norm import bert_layer_norm
@@ -195,6 +195,14 @@ CHECK = textwrap.dedent('''
     x = torch.randn(2, 12, 5, 6, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
     w, b = torch.rand(12, device=device).requires_grad_(True), torch.randn(12, device=device).requires_grad_(True)
     torch.library.opcheck(group_norm_op, (x, w, b, 4, 1e-5))
+    # plain eager calls skip the operator's dispatch; a traced call records the operator
+    layer = GroupNorm(4, 12).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, x.detach())
+    if "normswap::group_norm" not in str(traced.graph) or not torch.equal(traced(x.detach()), layer(x.detach())):
+        failures += 1
+        print("FAIL group trace", traced.graph)
 
     # constant rows: BERT's std is 0 there; the output is the bias and the gradient finite (no 0 / 0)
     x = torch.full((4, 16), 3.0, device=device).requires_grad_(True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_groups
+from .row_norm import untraced
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -78,24 +79,53 @@ def _(grad, x, mean, rstd, weight, bias, groups, need_x, need_weight, need_bias)
             torch.empty_like(bias) if need_bias and bias is not None else x.new_empty(0))
 
 
+def _save(ctx, x, weight, bias, mean, rstd, groups) -> None:
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.groups = groups
+
+
+def _grads(ctx, gy, backward_fn) -> tuple:
+    """The autograd gradients of (x, weight, bias, groups, eps) from ``backward_fn`` (the operator or its body)."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    gx, gw, gb = backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need)
+    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
+            gb if need[2] and bias is not None else None, None, None)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, groups, _ = inputs
-    ctx.save_for_backward(x, weight, bias, output[1], output[2])
-    ctx.groups = groups
+    _save(ctx, x, weight, bias, output[1], output[2], groups)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _autograd_backward(ctx, gy, _gmean, _grstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _group_norm_backward(gy, x, mean, rstd, weight, bias, ctx.groups, *need)
-    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
-            gb if need[2] and bias is not None else None, None, None)
+    return _grads(ctx, gy, _group_norm_backward)
 
 
 group_norm_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # CUDA autocast runs torch's group_norm in float32 (half inputs give a float32 output): the operator too
 group_norm_op.register_autocast("cuda", torch.float32)
+
+
+class _Eager(torch.autograd.Function):
+    """The operator's forward and backward without its dispatch (tens of microseconds a call), for plain
+    tensors in eager mode; tracing, compiling and tensor subclasses get the operator."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        y, mean, rstd = _forward(x, weight, bias, groups, eps)
+        _save(ctx, x, weight, bias, mean, rstd, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _grads(ctx, gy, _backward)
+
+
+def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """What CUDA autocast gives the operator (registered above): half tensors as float32."""
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
 
 
 def _valid(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -115,7 +145,11 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
         True
     """
     if not torch.compiler.is_compiling() and triton_groups.usable(x) and _valid(x, num_groups, weight, bias):
-        return group_norm_op(x, weight, bias, num_groups, eps)[0]
+        if not untraced(x):
+            return group_norm_op(x, weight, bias, num_groups, eps)[0]
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            x, weight, bias = _autocast_inputs(x, weight, bias)
+        return _Eager.apply(x, weight, bias, num_groups, eps)
     return F.group_norm(x, num_groups, weight, bias, eps)  # torch's checks and errors for anything else
 
 

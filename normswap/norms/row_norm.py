@@ -205,14 +205,14 @@ class RowKernel:
         self.op, self._eager, self._transformed = op, eager, transformed
 
     def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-        if _untraced(x):
+        if untraced(x):
             if all(t is None or native.has_data(t) for t in (x, weight, bias)):
                 return self._eager.apply(x, weight, bias, eps)
             return self._transformed.apply(x, weight, bias, eps)
         return self.op(x, weight, bias, eps)
 
 
-def _untraced(x: Tensor) -> bool:
+def untraced(x: Tensor) -> bool:
     """Whether a row kernel's call may skip the operator's dispatch (about 70 us per forward and backward on a
     CPU, a fifth of a 768-wide RMSNorm's time at 1024 rows on two threads): a plain tensor off the meta
     device, no ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing the call, no
@@ -231,7 +231,7 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     torch.compile and torch.export see one opaque operator (no graph break, the fused CPU kernels run inside
     compiled graphs too); ``torch.library.opcheck`` checks each registration. In plain eager mode the kernel
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
-    per-call cost (see :func:`_untraced`: tracing and subclasses get the operator). Under ``torch.func``
+    per-call cost (see :func:`untraced`: tracing and subclasses get the operator). Under ``torch.func``
     transforms another ``autograd.Function`` runs them, in the form the transforms require: ``grad``,
     ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
     operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor, never a view of the input, so an in-place op after the norm
