@@ -270,6 +270,26 @@ COMPILE = textwrap.dedent('''
                                              "COEF_G": "fp32", "COEF_GH": "fp32"},
               {"s": "i32", "c": "i32", "cpg": "i32", "groups": "i32", "tiles": "i32"},
               {"HAS_W": has_w, "BLOCK_T": 64, "BLOCK_K": 8})
+    # Triton compiles an integer argument equal to 1 as a constant: every GroupNorm count that can be 1
+    # (GroupNorm(1, C), instance norm's one channel per group, one tile) compiled so
+    ones = {"groups": 1, "cpg": 1, "tiles": 1, "tiles_s": 1}
+    for fn, pointers, scalars, constexprs in [
+        (k.group_apply_kernel, {"X": "bf16", "W": "fp32", "B": "fp32", "MEAN": "fp32", "RSTD": "fp32", "Y": "bf16"},
+         {"s": "i32", "c": "i32"}, {"HAS_W": True, "HAS_B": True, "BLOCK_S": 16, "BLOCK_C": 256}),
+        (k.group_dx_kernel, {"DY": "bf16", "X": "bf16", "W": "fp32", "MEAN": "fp32", "RSTD": "fp32", "COEF_G": "fp32",
+                             "COEF_GH": "fp32", "DX": "bf16"}, {"s": "i32", "c": "i32"},
+         {"HAS_W": True, "BLOCK_S": 16, "BLOCK_C": 256}),
+        (k.group_grad_sums_kernel, {"DY": "bf16", "X": "bf16", "MEAN": "fp32", "RSTD": "fp32", "PDY": "fp32",
+                                    "PDYH": "fp32"}, {"s": "i32", "c": "i32", "rows_per_program": "i32"},
+         {"BLOCK_S": 16, "BLOCK_C": 256}),
+        (k.group_finalize_kernel, {"PMEAN": "fp32", "PM2": "fp32", "MEAN": "fp32", "RSTD": "fp32"},
+         {"s": "i32", "c": "i32", "rows_per_program": "i32", "eps": "fp32"}, {"BLOCK_T": 64, "BLOCK_K": 8}),
+        (k.group_grad_finalize_kernel, {"PDY": "fp32", "PDYH": "fp32", "W": "fp32", "SDY": "fp32", "SDYH": "fp32",
+                                        "COEF_G": "fp32", "COEF_GH": "fp32"}, {"s": "i32", "c": "i32"},
+         {"HAS_W": True, "BLOCK_T": 64, "BLOCK_K": 8}),
+    ]:
+        params = fn.arg_names
+        build(fn, pointers, scalars, {**{a: v for a, v in ones.items() if a in params}, **constexprs})
     print("compiled")
 ''')
 

@@ -205,7 +205,7 @@ def group_finalize_kernel(PMEAN, PM2, MEAN, RSTD, s, c, cpg, groups, tiles, rows
     """Per (sample, group): the partial statistics of its channels merged into its mean and ``rstd``."""
     n = (tl.program_id(0) // groups).to(tl.int64)
     g = tl.program_id(0) % groups
-    size = s * cpg
+    size = (s * 1.0) * cpg  # in float: s * cpg may pass 2**31 (no .to(): an argument equal to 1 is a constexpr)
     total = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for t0 in range(0, tiles, BLOCK_T):
         for k0 in range(0, cpg, BLOCK_K):
@@ -307,7 +307,7 @@ def group_grad_finalize_kernel(PDY, PDYH, W, SDY, SDYH, COEF_G, COEF_GH, s, c, c
             dyh = dyh * w
         mean_g += dy
         mean_gh += dyh
-    size = s * cpg
+    size = (s * 1.0) * cpg  # in float: s * cpg may pass 2**31 (no .to(): an argument equal to 1 is a constexpr)
     tl.store(COEF_G + n * groups + g, tl.sum(mean_g, axis=0) / size)
     tl.store(COEF_GH + n * groups + g, tl.sum(mean_gh, axis=0) / size)
 
