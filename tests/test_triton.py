@@ -275,13 +275,13 @@ COMPILE = textwrap.dedent('''
     ones = {"groups": 1, "cpg": 1, "tiles": 1, "tiles_s": 1, "rows_per_program": 1, "s": 1, "tiles_per_sample": 1}
     for fn, pointers, scalars, constexprs in [
         (k.row_backward_kernel, {"DY": "bf16", "X": "bf16", "W": "fp32", "S": "fp32", "DX": "bf16", "DW": "fp32",
-                                 "DB": "fp32"}, {"stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "rows": "i32",
-                                                 "n": "i32"},
+                                 "DB": "fp32"},
+         {"stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "rows": "i32", "n": "i32"},
          {"KIND": 1, "HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "BLOCK": 128}),
         (k.channel_forward_kernel, {"X": "bf16", "W": "fp32", "B": "fp32", "Y": "bf16", "MEAN": "fp32", "RSTD": "fp32"},
          {"c": "i32", "eps": "fp32"}, {"HAS_W": True, "HAS_B": True, "BLOCK_C": 64, "BLOCK_S": 1}),
-        (k.channel_backward_kernel, {"DY": "bf16", "X": "bf16", "MEAN": "fp32", "RSTD": "fp32", "W": "fp32", "DX": "bf16",
-                                     "DW": "fp32", "DB": "fp32"}, {"c": "i32"},
+        (k.channel_backward_kernel, {"DY": "bf16", "X": "bf16", "MEAN": "fp32", "RSTD": "fp32", "W": "fp32",
+                                     "DX": "bf16", "DW": "fp32", "DB": "fp32"}, {"c": "i32"},
          {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "BLOCK_C": 64, "BLOCK_S": 1}),
         (k.group_apply_kernel, {"X": "bf16", "W": "fp32", "B": "fp32", "MEAN": "fp32", "RSTD": "fp32", "Y": "bf16"},
          {"s": "i32", "c": "i32"}, {"HAS_W": True, "HAS_B": True, "BLOCK_S": 16, "BLOCK_C": 256}),
