@@ -234,8 +234,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     per-call cost (see :func:`untraced`: tracing and subclasses get the operator). Under ``torch.func``
     transforms another ``autograd.Function`` runs them, in the form the transforms require: ``grad``,
     ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
-    operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor, never a view of the input, so an in-place op after the norm
-    (``ReLU(inplace=True)``) is allowed.
+    operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor,
+    never a view of the input, so an in-place op after the norm (``ReLU(inplace=True)``) is allowed.
     """
     empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
 
