@@ -62,8 +62,9 @@ def act_class(norm_cls: type[nn.Module]) -> type[nn.Module]:
     cls = _ACT_CLASSES.get(norm_cls)
     if cls is None:
         name = f"{norm_cls.__name__}Act"
-        cls = type(name, (ActDropMixin, norm_cls), {"__module__": __name__, "__qualname__": name,
-                                                    "_norm_forward": _renamed(norm_cls.forward), "_norm_class": norm_cls})
+        body = {"__module__": __name__, "__qualname__": name, "_norm_forward": _renamed(norm_cls.forward),
+                "_norm_class": norm_cls}
+        cls = type(name, (ActDropMixin, norm_cls), body)
         _ACT_CLASSES[norm_cls] = cls
     return cls
 
