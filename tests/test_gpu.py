@@ -1,4 +1,5 @@
-"""normswap on CUDA (every test skips where CUDA is absent; ``benchmarks/gpu_check.sh`` runs them).
+"""normswap on CUDA (every test skips where CUDA is absent; ``benchmarks/gpu_check.sh`` runs them; a dry run
+on CPU tensors is described at ``DEVICE`` below).
 
 Each converted model is compared with the same model on the CPU, on the same weights, in eval mode (a
 train-mode forward changes running statistics); each swapped-in layer is compared with its formula in
@@ -9,6 +10,7 @@ its epsilon relative to the output's scale, times the depth of the computation w
 
 import copy
 import importlib
+import os
 
 import pytest
 import torch
@@ -22,8 +24,13 @@ from normswap.norms.group_norm import GroupNorm
 from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
 from normswap.norms.std_conv import standardize_conv
 
+# NORMSWAP_GPU_TESTS_ON=cpu with TRITON_INTERPRET=1 NORMSWAP_TRITON=1: a dry run of this file on CPU tensors
+# (the Triton kernels in the interpreter), so that a test's own mistakes show before a GPU runs it
+# (tests/test_triton.py runs it so under the long marker); CUDA-only tests skip there
+DEVICE = os.environ.get("NORMSWAP_GPU_TESTS_ON", "cuda")
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")]
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA itself (autocast / inductor on CUDA)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -67,7 +74,7 @@ def _reference_and_grads(kind, layer, x, gy, channels_first, dtype):
 
 
 def _max_diff(a, b):
-    return float((a.double() - b.double()).abs().max())
+    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 LAYERS = [  # (layer, kind, channels_first)
@@ -85,12 +92,12 @@ LAYERS = [  # (layer, kind, channels_first)
 def test_each_layer_computes_its_formula_forward_and_backward(make, kind, channels_first, dtype):
     torch.manual_seed(0)
     c = 96
-    layer = make(c).cuda()
+    layer = make(c).to(DEVICE)
     with torch.no_grad():
         for p in layer.parameters():
             p.uniform_(0.5, 1.5)
     shape = (4, c, 5, 7) if channels_first else (4, 33, c)
-    x = (torch.randn(shape, device="cuda") * 3 + 1).to(dtype).requires_grad_(True)
+    x = (torch.randn(shape, device=DEVICE) * 3 + 1).to(dtype).requires_grad_(True)
     y = layer(x)
     assert y.dtype == dtype and y.shape == x.shape
     gy = torch.randn_like(y)
@@ -121,23 +128,23 @@ def test_a_converted_cnn_on_cuda_matches_the_cpu_on_the_same_weights(spec):
     original = timm.create_model("resnet18", pretrained=False, num_classes=10)
     options = {"virtual_batch": 2} if spec == "ghost_bn" else {}
     cpu = normswap.convert(original, spec, **options).eval()
-    cuda = copy.deepcopy(cpu).cuda()
-    assert all(t.is_cuda for t in [*cuda.parameters(), *cuda.buffers()])
+    cuda = copy.deepcopy(cpu).to(DEVICE)
+    assert all(t.device.type == DEVICE for t in [*cuda.parameters(), *cuda.buffers()])
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         expected = cpu(x)
-        got = cuda(x.cuda()).cpu()
+        got = cuda(x.to(DEVICE)).cpu()
         ref = copy.deepcopy(cpu).double()(x.double())
     # float32 on two devices: each within its rounding of the float64 result, so within twice of each other
     noise = float((expected.double() - ref).abs().max())
     assert float((got - expected).abs().max()) <= 20 * noise + 1e-5
     # converting a model that already lives on CUDA gives the same model
-    on_device = normswap.convert(copy.deepcopy(original).cuda(), spec, **options).eval()
+    on_device = normswap.convert(copy.deepcopy(original).to(DEVICE), spec, **options).eval()
     with torch.no_grad():
-        torch.testing.assert_close(on_device(x.cuda()), cuda(x.cuda()))
+        torch.testing.assert_close(on_device(x.to(DEVICE)), cuda(x.to(DEVICE)))
     # train mode: finite forward and backward
     cuda.train()
-    y = cuda(x.cuda())
+    y = cuda(x.to(DEVICE))
     y.square().mean().backward()
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
@@ -151,11 +158,11 @@ def test_group_norm_on_channels_last_input_computes_its_formula_and_keeps_the_la
 
     torch.manual_seed(0)
     c, groups = 96, 32
-    layer = GroupNorm(groups, c).cuda()
+    layer = GroupNorm(groups, c).to(DEVICE)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
-    x = (torch.randn(4, c, 15, 17, device="cuda") * 3 + 1).to(dtype).to(memory_format=torch.channels_last)
+    x = (torch.randn(4, c, 15, 17, device=DEVICE) * 3 + 1).to(dtype).to(memory_format=torch.channels_last)
     assert triton_groups.usable(x)
     x.requires_grad_(True)
     y = layer(x)
@@ -178,12 +185,13 @@ def test_group_norm_on_channels_last_input_computes_its_formula_and_keeps_the_la
         assert _max_diff(got, exact) <= tol, (i, _max_diff(got, exact), tol)
 
 
+@cuda_only
 def test_group_norm_under_autocast_returns_what_torchs_returns():
     """CUDA autocast runs torch's GroupNorm in float32: normswap's on a channels_last input does too (float32
     output, channels_last kept), and its gradient reaches the bf16 input."""
     torch.manual_seed(0)
-    ours, theirs = GroupNorm(4, 32).cuda(), nn.GroupNorm(4, 32).cuda()
-    x = torch.randn(2, 32, 9, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    ours, theirs = GroupNorm(4, 32).to(DEVICE), nn.GroupNorm(4, 32).to(DEVICE)
+    x = torch.randn(2, 32, 9, 7, device=DEVICE, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     x.requires_grad_(True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, expected = ours(x), theirs(x.detach())
@@ -199,9 +207,9 @@ def test_group_norm_under_autocast_returns_what_torchs_returns():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_norm_operator_passes_opcheck_on_cuda(memory_format, dtype):
-    x = torch.randn(2, 16, 5, 7, device="cuda", dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
-    w = torch.rand(16, device="cuda", requires_grad=True)
-    b = torch.rand(16, device="cuda", requires_grad=True)
+    x = torch.randn(2, 16, 5, 7, device=DEVICE, dtype=dtype).to(memory_format=memory_format).requires_grad_(True)
+    w = torch.rand(16, device=DEVICE, requires_grad=True)
+    b = torch.rand(16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.normswap.group_norm.default, (x, w, b, 4, 1e-5))
 
 
@@ -209,7 +217,7 @@ def test_a_gn_ws_model_in_channels_last_on_cuda_matches_the_cpu_and_stays_channe
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     cpu = normswap.convert(timm.create_model("resnet18", pretrained=False, num_classes=10), "gn_ws").eval()
-    cuda = copy.deepcopy(cpu).cuda().to(memory_format=torch.channels_last)
+    cuda = copy.deepcopy(cpu).to(DEVICE).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 64, 64)
     seen = []
     for m in cuda.modules():
@@ -218,7 +226,7 @@ def test_a_gn_ws_model_in_channels_last_on_cuda_matches_the_cpu_and_stays_channe
                 lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
     with torch.no_grad():
         expected = cpu(x)
-        got = cuda(x.cuda().to(memory_format=torch.channels_last)).cpu()
+        got = cuda(x.to(DEVICE).to(memory_format=torch.channels_last)).cpu()
         ref = copy.deepcopy(cpu).double()(x.double())
     assert seen and all(seen)
     noise = float((expected.double() - ref).abs().max())
@@ -231,10 +239,10 @@ def test_ghost_batch_norm_on_cuda_matches_the_cpu_in_train_mode_and_running_stat
     with torch.no_grad():
         cpu.weight.uniform_(0.5, 1.5)
         cpu.bias.uniform_(-0.5, 0.5)
-    cuda = copy.deepcopy(cpu).cuda()
+    cuda = copy.deepcopy(cpu).to(DEVICE)
     x = torch.randn(10, 8, 5, 5) * 2 + 1
     expected = cpu(x)
-    got = cuda(x.cuda()).cpu()
+    got = cuda(x.to(DEVICE)).cpu()
     torch.testing.assert_close(got, expected, atol=16 * _eps(torch.float32) * 4, rtol=0)
     for key, value in cpu.state_dict().items():
         torch.testing.assert_close(cuda.state_dict()[key].cpu(), value, msg=key)
@@ -249,7 +257,7 @@ def test_weight_standardization_on_cuda(dtype, mode):
     from normswap.norms.std_conv import standardize_weight
 
     torch.manual_seed(0)
-    conv = standardize_conv(nn.Conv2d(48, 64, 3), mode=mode).cuda().to(dtype)
+    conv = standardize_conv(nn.Conv2d(48, 64, 3), mode=mode).to(DEVICE).to(dtype)
     if triton_rows.kernels() is not None:
         assert triton_rows.usable(conv.weight.detach().flatten(1))
     gw = torch.randn_like(conv.weight)
@@ -272,28 +280,29 @@ def test_row_operators_pass_opcheck_on_cuda(name, dtype):
     importlib.import_module("normswap.norms.layer_rows")  # registers normswap::layer_norm_rows
 
     op = getattr(torch.ops.normswap, name).default
-    x = torch.randn(37, 96, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.rand(96, device="cuda", requires_grad=True)
-    b = torch.rand(96, device="cuda", requires_grad=True)
+    x = torch.randn(37, 96, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.rand(96, device=DEVICE, requires_grad=True)
+    b = torch.rand(96, device=DEVICE, requires_grad=True)
     torch.library.opcheck(op, (x, w, b, 1e-6))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_channel_layer_norm_operator_passes_opcheck_on_cuda(memory_format):
-    x = torch.randn(2, 16, 5, 7, device="cuda").to(memory_format=memory_format).requires_grad_(True)
-    w = torch.rand(16, device="cuda", requires_grad=True)
-    b = torch.rand(16, device="cuda", requires_grad=True)
+    x = torch.randn(2, 16, 5, 7, device=DEVICE).to(memory_format=memory_format).requires_grad_(True)
+    w = torch.rand(16, device=DEVICE, requires_grad=True)
+    b = torch.rand(16, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.normswap.channel_layer_norm.default, (x, w, b, 1e-5))
 
 
+@cuda_only
 @pytest.mark.parametrize("spec", ["rms", "bert_ln"])
 def test_a_converted_transformer_compiles_whole_on_cuda(spec):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64)
     torch.manual_seed(0)
-    model = normswap.convert(transformers.BertModel(config).eval(), spec).cuda()
-    ids = torch.randint(0, 64, (2, 12), device="cuda")
+    model = normswap.convert(transformers.BertModel(config).eval(), spec).to(DEVICE)
+    ids = torch.randint(0, 64, (2, 12), device=DEVICE)
     with torch.no_grad():
         expected = model(ids).last_hidden_state
         compiled = torch.compile(model, fullgraph=True)
@@ -305,8 +314,8 @@ def test_a_converted_model_scripts_on_cuda(spec):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = normswap.convert(timm.create_model("resnet10t", pretrained=False, num_classes=5), spec,
-                             **({"virtual_batch": 2} if spec == "ghost_bn" else {})).cuda().eval()
+                             **({"virtual_batch": 2} if spec == "ghost_bn" else {})).to(DEVICE).eval()
     scripted = torch.jit.script(model)
-    x = torch.randn(2, 3, 64, 64, device="cuda")
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=1e-4)

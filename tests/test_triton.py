@@ -10,6 +10,7 @@ the same checks run natively on CUDA tensors.
 """
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -331,3 +332,14 @@ def test_triton_kernels_compile_for_a_cuda_target():
 def test_triton_kernels_on_cuda_match_float64_references():
     result = _run(CHECK, "cuda", "full")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.long
+def test_the_gpu_tests_pass_as_a_dry_run_on_cpu():
+    """tests/test_gpu.py on CPU tensors, the Triton kernels in the interpreter (CUDA-only tests skip): a GPU
+    has never run that file, so its own mistakes must show here first (about 2 minutes)."""
+    env = {**INTERPRET, "NORMSWAP_GPU_TESTS_ON": "cpu"}
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-o", "addopts=", "-p", "no:cacheprovider",
+               str(pathlib.Path(__file__).with_name("test_gpu.py"))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
