@@ -15,22 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_rows import _block, _cdiv, _interpreting, available, kernels
+from .triton_rows import _block, _cdiv, kernels, runs_on
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements of one program's tile: channels x positions
 
 
 def usable(x: Tensor) -> bool:
-    """Whether the Triton kernels run for ``x``: a contiguous ``[N, C, *]`` CUDA tensor (CPU under the
-    interpreter, for the tests) of float32/bfloat16/float16 whose channels fit one tile, Triton importable."""
-    import os
-
-    if os.environ.get("NORMSWAP_TRITON") == "0" or x.dtype not in _DTYPES or x.dim() < 3 or type(x) is not Tensor:
-        return False
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-        return False
-    return x.is_contiguous() and _block(x.shape[1]) <= _TILE and available()
+    """Whether the Triton kernels run for ``x``: :func:`~normswap.norms.triton_rows.runs_on`, and a contiguous
+    ``[N, C, *]`` tensor whose channels fit one tile."""
+    return runs_on(x) and x.dim() >= 3 and x.is_contiguous() and _block(x.shape[1]) <= _TILE
 
 
 def _tiles(c: int, s: int) -> tuple[int, int]:

@@ -20,15 +20,12 @@ turns them off; ``TRITON_INTERPRET=1`` with ``NORMSWAP_TRITON=1`` runs them on C
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
 
-from normswap.norms.native import has_data
-from normswap.norms.triton_rows import _block, _cdiv, _interpreting, available, kernels
+from normswap.norms.triton_rows import _block, _cdiv, kernels, runs_on
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # elements one program holds per step: positions x channels
 _MAX_BLOCK_C = 256  # channels per program: 512 contiguous bytes of a bf16 row
 _MIN_ROWS = 64  # positions per partial statistic at least: the partials stay a few % of the input's bytes
@@ -42,13 +39,9 @@ def channels_last_dense(x: Tensor) -> bool:
 
 
 def usable(x: Tensor) -> bool:
-    """Whether the Triton kernels run for ``x``: a channels-last CUDA tensor (CPU under the interpreter, for
-    the tests) of float32/bfloat16/float16 with data, Triton importable, ``NORMSWAP_TRITON`` not 0."""
-    if type(x) is not Tensor or not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
-        return False  # first, and cheap: every GroupNorm call on a CPU asks
-    if os.environ.get("NORMSWAP_TRITON") == "0" or x.dtype not in _DTYPES:
-        return False
-    return channels_last_dense(x) and x.numel() > 0 and has_data(x) and available()
+    """Whether the Triton kernels run for ``x``: :func:`~normswap.norms.triton_rows.runs_on`, and a
+    non-empty channels-last ``[N, C, *]`` tensor."""
+    return runs_on(x) and channels_last_dense(x) and x.numel() > 0
 
 
 def _layout(x: Tensor) -> tuple[int, int, int, int, int, int]:

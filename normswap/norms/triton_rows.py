@@ -5,9 +5,9 @@ Standardization (a conv weight as ``[out, fan_in]``, read and written in its own
 One program normalizes one row in a single read of it, statistics in float32 whatever the input dtype
 (float32, bfloat16, float16), and writes the output in the input's dtype; the statistics of each row are
 kept for the backward (RMSNorm: ``rstd``; BERT: ``mean, 1 / (std + eps), std``; LayerNorm: ``mean, rstd``).
-Rows of more than ``MAX_FUSED`` values (one program holds a whole row) are left to torch ops. The backward computes the
-input gradient row by row and the weight and bias gradients as float32 partial sums over blocks of rows,
-added up at the end. Without Triton or CUDA nothing here runs: the layers keep their CPU kernels and the
+Rows of more than ``MAX_FUSED`` values (one program holds a whole row) are left to torch ops. The backward
+computes the input gradient row by row and the weight and bias gradients as float32 partial sums over blocks
+of rows, added up at the end. Without Triton or CUDA nothing here runs: the layers keep their CPU kernels and the
 torch-ops path. Triton's interpreter runs the same kernels on CPU tensors for the tests: set
 ``TRITON_INTERPRET=1`` and ``NORMSWAP_TRITON=1`` before normswap is imported.
 """
@@ -58,14 +58,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def runs_on(x: Tensor) -> bool:
+    """Whether normswap's Triton kernels may run for ``x`` at all (each family adds its shape and layout
+    conditions): a plain CUDA tensor (a CPU one under the interpreter, for the tests) of float32, bfloat16 or
+    float16 with a data pointer, Triton importable, ``NORMSWAP_TRITON`` not 0. The device comes first: every
+    call of a layer on a CPU asks."""
+    if type(x) is not Tensor or not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+        return False
+    return os.environ.get("NORMSWAP_TRITON") != "0" and x.dtype in _DTYPES and has_data(x) and available()
+
+
 def usable(x: Tensor) -> bool:
-    """Whether the Triton kernels run for ``x`` (``[rows, d]``): a CUDA tensor of float32/bfloat16/float16
-    (or a CPU tensor under the interpreter, for the tests), Triton importable, ``NORMSWAP_TRITON`` not 0."""
-    if os.environ.get("NORMSWAP_TRITON") == "0" or x.dtype not in _DTYPES or x.dim() != 2 or type(x) is not Tensor:
-        return False
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-        return False
-    return 2 <= x.shape[1] <= MAX_FUSED and has_data(x) and available()
+    """Whether the row kernels run for ``x``: :func:`runs_on`, and ``[rows, d]`` with 2 <= d <= ``MAX_FUSED``."""
+    return runs_on(x) and x.dim() == 2 and 2 <= x.shape[1] <= MAX_FUSED
 
 
 def _rows_last_contiguous(t: Tensor) -> Tensor:
