@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import triton_rows
+from .bert_layer_norm import bert_layer_norm_rows
+from .layer_rows import layer_norm_rows
 from .scripted import pad_same_ops
 
 WS_EPS_MODES = ("inside", "outside")
@@ -64,9 +66,6 @@ def standardize_weight_fused(weight: torch.Tensor, eps: float = 1e-6, mode: str 
     """
     flat = weight.reshape(weight.shape[0], -1)
     if mode in WS_EPS_MODES and not torch.compiler.is_compiling() and triton_rows.usable(flat):
-        from .bert_layer_norm import bert_layer_norm_rows
-        from .layer_rows import layer_norm_rows
-
         op = layer_norm_rows if mode == "inside" else bert_layer_norm_rows
         return op(flat, None, None, eps)[0].view(weight.shape)
     return standardize_weight(weight, eps, mode)
