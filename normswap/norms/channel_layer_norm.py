@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native, triton_channels
+from .op_grads import autograd_grads, fake_grads
 from .scripted import channels_first
 
 
@@ -83,9 +84,7 @@ def _(x, weight, bias, eps):
 
 @_channel_layer_norm_backward.register_fake
 def _(grad, x, mean, rstd, weight, bias, need_x, need_weight, need_bias):
-    return (torch.empty_like(x) if need_x else x.new_empty(0),
-            torch.empty_like(weight) if need_weight and weight is not None else x.new_empty(0),
-            torch.empty_like(bias) if need_bias and bias is not None else x.new_empty(0))
+    return fake_grads(x, weight, bias, need_x, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -96,9 +95,7 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, gy, _gmean, _grstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    gx, gw, gb = _channel_layer_norm_backward(gy, x, mean, rstd, weight, bias, *need)
-    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
-            gb if need[2] and bias is not None else None, None)
+    return autograd_grads(need, weight, bias, *_channel_layer_norm_backward(gy, x, mean, rstd, weight, bias, *need), 1)
 
 
 channel_layer_norm.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_groups
+from .op_grads import autograd_grads, fake_grads
 from .row_norm import untraced
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -24,6 +25,11 @@ _HALF = (torch.float16, torch.bfloat16)
 def _sizes(x: Tensor) -> tuple[int, int, int]:
     n, c = x.shape[:2]
     return n, c, x.numel() // (n * c) if n * c else 0
+
+
+def _like(x: Tensor, t: Tensor) -> Tensor:
+    """``t`` (a fresh result of torch's GroupNorm) in ``x``'s dtype and layout: itself when it already is."""
+    return t if t.dtype == x.dtype and t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
 def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
@@ -36,7 +42,7 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
     n, c, s = _sizes(x)
     y, mean, rstd = torch.native_group_norm(x.to(cdt), None if weight is None else weight.to(cdt),
                                             None if bias is None else bias.to(cdt), n, c, s, groups, eps)
-    return torch.empty_like(x).copy_(y), mean, rstd
+    return _like(x, y), mean, rstd
 
 
 def _backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -51,7 +57,7 @@ def _backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tenso
             grad.to(cdt), x.to(cdt), mean, rstd, None if weight is None else weight.to(cdt), n, c, s, groups,
             list(need))
         if gx is not None:
-            gx = torch.empty_like(x).copy_(gx)
+            gx = _like(x, gx)
     # each gradient not asked for is its own empty tensor: outputs of a custom op must not alias each other
     return (gx if need[0] else x.new_empty(0), gw.to(weight.dtype) if need[1] else x.new_empty(0),
             gb.to(bias.dtype) if need[2] else x.new_empty(0))
@@ -74,9 +80,7 @@ def _(x, weight, bias, groups, eps):
 
 @_group_norm_backward.register_fake
 def _(grad, x, mean, rstd, weight, bias, groups, need_x, need_weight, need_bias):
-    return (torch.empty_like(x) if need_x else x.new_empty(0),
-            torch.empty_like(weight) if need_weight and weight is not None else x.new_empty(0),
-            torch.empty_like(bias) if need_bias and bias is not None else x.new_empty(0))
+    return fake_grads(x, weight, bias, need_x, need_weight, need_bias)
 
 
 def _save(ctx, x, weight, bias, mean, rstd, groups) -> None:
@@ -88,9 +92,7 @@ def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, groups, eps) from ``backward_fn`` (the operator or its body)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    gx, gw, gb = backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need)
-    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
-            gb if need[2] and bias is not None else None, None, None)
+    return autograd_grads(need, weight, bias, *backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need), 2)
 
 
 def _setup_context(ctx, inputs, output):

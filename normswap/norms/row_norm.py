@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native, triton_rows
+from normswap.norms.op_grads import autograd_grads, fake_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -261,9 +262,7 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
 
     @bwd.register_fake
     def _(grad, x, stats, weight, bias, eps, need_x, need_weight, need_bias):
-        return (torch.empty_like(x) if need_x else empty(x),
-                torch.empty_like(weight) if need_weight and weight is not None else empty(x),
-                torch.empty_like(bias) if need_bias and bias is not None else empty(x))
+        return fake_grads(x, weight, bias, need_x, need_weight, need_bias)
 
     def save(ctx, inputs, output):
         x, weight, bias, eps = inputs
@@ -274,9 +273,7 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     def grads(ctx, gy, backward_fn):
         x, weight, bias, stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        gx, gw, gb = backward_fn(gy, x, stats, weight, bias, ctx.eps, *need)
-        return (gx if need[0] else None, gw if need[1] and weight is not None else None,
-                gb if need[2] and bias is not None else None, None)
+        return autograd_grads(need, weight, bias, *backward_fn(gy, x, stats, weight, bias, ctx.eps, *need), 1)
 
     fwd.register_autograd(lambda ctx, gy, _gstats: grads(ctx, gy, bwd), setup_context=save)
 

@@ -1,0 +1,39 @@
+"""What the norms' ``torch.library`` operators share about gradients (:func:`~normswap.norms.row_norm.define_row_op`,
+``normswap::channel_layer_norm``, ``normswap::group_norm``): each backward operator takes ``need_x``,
+``need_weight``, ``need_bias`` and returns three tensors, an empty one for each gradient not asked for
+(operators return tensors, never ``None``); autograd then wants ``None`` in those places.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fake_grads(x: Tensor, weight: Tensor | None, bias: Tensor | None, need_x: bool, need_weight: bool,
+               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake (meta) result of a norm's backward operator: a tensor like each gradient asked for, an empty
+    one (each its own: outputs of an operator must not alias) for each not asked for or without a parameter.
+
+    Example:
+        >>> [tuple(g.shape) for g in fake_grads(torch.ones(2, 3), torch.ones(3), None, True, False, True)]
+        [(2, 3), (0,), (0,)]
+    """
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_weight and weight is not None else x.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else x.new_empty(0))
+
+
+def autograd_grads(need: tuple[bool, ...], weight: Tensor | None, bias: Tensor | None, gx: Tensor | None,
+                   gw: Tensor | None, gb: Tensor | None, others: int) -> tuple[Tensor | None, ...]:
+    """What a norm's autograd backward returns for ``(x, weight, bias, *others)`` from its backward operator's
+    three tensors: ``None`` for a gradient not asked for, a missing parameter, and each of the ``others``
+    (non-tensor arguments such as ``eps``).
+
+    Example:
+        >>> g = torch.ones(3)
+        >>> autograd_grads((True, True, False), g, None, g, g, g, 1)[1:]
+        (tensor([1., 1., 1.]), None, None)
+    """
+    return (gx if need[0] else None, gw if need[1] and weight is not None else None,
+            gb if need[2] and bias is not None else None) + (None,) * others
