@@ -204,6 +204,12 @@ CHECK = textwrap.dedent('''
     if "normswap::group_norm" not in str(traced.graph) or not torch.equal(traced(x.detach()), layer(x.detach())):
         failures += 1
         print("FAIL group trace", traced.graph)
+    # a call autograd need not see (no_grad) runs the forward alone: the same output, layout kept
+    with torch.no_grad():
+        inferred = layer(x.detach())
+    if not torch.equal(inferred, layer(x.detach()).detach()) or inferred.stride() != x.stride():
+        failures += 1
+        print("FAIL group no_grad", inferred.stride(), x.stride())
 
     # constant rows: BERT's std is 0 there; the output is the bias and the gradient finite (no 0 / 0)
     x = torch.full((4, 16), 3.0, device=device).requires_grad_(True)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native, triton_rows
+from normswap.norms.eager import differentiable, plain, untraced
 from normswap.norms.op_grads import autograd_grads, fake_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -160,6 +161,8 @@ def row_forward(impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | 
                 eps: float) -> tuple[Tensor, Tensor]:
     """The forward of a row norm on ``x`` ``[rows, d]``: ``(y in x's dtype, stats)``, the statistics in the
     compute dtype as one ``[rows, k]`` tensor, on the fused kernels where they apply, else on torch ops."""
+    if impl.native_forward is not None and native.usable(x):  # float32 on a CPU: autocast cannot touch it
+        return impl.native_forward(x, weight, bias, eps)
     if impl.triton_kind is not None and triton_rows.usable(x):  # reads x in its own dtype: no upcast copy
         return triton_rows.forward(x, weight, bias, eps, impl.triton_kind)
     cdt = _compute_dtype(x.dtype)
@@ -202,26 +205,18 @@ class RowKernel:
     """A row norm as a callable ``kernel(x [rows, d], weight, bias, eps) -> (y, stats)`` (see
     :func:`define_row_op`); ``op`` is its ``torch.library`` operator, for ``opcheck`` and direct use."""
 
-    def __init__(self, op, eager: type[torch.autograd.Function], transformed: type[torch.autograd.Function]) -> None:
-        self.op, self._eager, self._transformed = op, eager, transformed
+    def __init__(self, op, impl: RowImpl, eager: type[torch.autograd.Function],
+                 transformed: type[torch.autograd.Function]) -> None:
+        self.op, self._impl, self._eager, self._transformed = op, impl, eager, transformed
 
     def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
         if untraced(x):
-            if all(t is None or native.has_data(t) for t in (x, weight, bias)):
-                return self._eager.apply(x, weight, bias, eps)
+            if plain(x, weight, bias):
+                if differentiable(x, weight, bias):
+                    return self._eager.apply(x, weight, bias, eps)
+                return row_forward(self._impl, x, weight, bias, eps)  # inference: no Function needed
             return self._transformed.apply(x, weight, bias, eps)
         return self.op(x, weight, bias, eps)
-
-
-def untraced(x: Tensor) -> bool:
-    """Whether a row kernel's call may skip the operator's dispatch (about 70 us per forward and backward on a
-    CPU, a fifth of a 768-wide RMSNorm's time at 1024 rows on two threads): a plain tensor off the meta
-    device, no ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing the call, no
-    ``__torch_function__`` override or mode. Those see the operator (meta tensors its fake kernel). A
-    ``torch.func`` transform's tensors pass (their type is ``Tensor``) but have no data pointer: the kernel
-    gives them to a Function built for the transforms."""
-    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch.overrides.has_torch_function((x,)))
 
 
 def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
@@ -232,9 +227,9 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     torch.compile and torch.export see one opaque operator (no graph break, the fused CPU kernels run inside
     compiled graphs too); ``torch.library.opcheck`` checks each registration. In plain eager mode the kernel
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
-    per-call cost (see :func:`untraced`: tracing and subclasses get the operator). Under ``torch.func``
-    transforms another ``autograd.Function`` runs them, in the form the transforms require: ``grad``,
-    ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
+    per-call cost (see :mod:`normswap.norms.eager`: tracing and subclasses get the operator; a call autograd
+    need not see runs the forward alone). Under ``torch.func`` transforms another ``autograd.Function`` runs
+    them, in the form the transforms require: ``grad``, ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
     operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor,
     never a view of the input, so an in-place op after the norm (``ReLU(inplace=True)``) is allowed.
     """
@@ -323,7 +318,7 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
     Transformed.__name__ = Transformed.__qualname__ = f"{name}_transformed"
-    return RowKernel(fwd, Eager, Transformed)
+    return RowKernel(fwd, impl, Eager, Transformed)
 
 
 def flat_param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -227,7 +227,7 @@ def usable(x: Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and _load() is not None
+    return (type(x) is Tensor and x.is_cpu and x.dtype == torch.float32 and _load() is not None
             and has_data(x))
 
 
