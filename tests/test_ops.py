@@ -317,3 +317,36 @@ def test_the_channel_layer_norm_eager_path_computes_what_its_operator_computes(d
         assert torch.equal(layer(x), results[0][0])
     with pytest.raises(AssertionError, match="Function ran"):
         layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_ghost_batch_norm_eager_path_computes_what_its_operator_computes(dtype, monkeypatch):
+    """GhostBatchNorm in training mode skips its operator's dispatch in plain eager mode: the same output,
+    gradients and running statistics, bit for bit, as the operator; a no_grad training-mode call runs the
+    forward alone (no Function) and still updates the running statistics."""
+    from normswap.norms import ghost_batch_norm as gbn
+
+    torch.manual_seed(0)
+    layers = [gbn.GhostBatchNorm2d(5, virtual_batch_size=3).to(dtype) for _ in range(2)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            layer.bias.copy_(torch.linspace(-0.5, 0.5, 5))
+    x = torch.randn(8, 5, 3, 4, dtype=dtype, requires_grad=True)
+    gy = torch.randn_like(x)
+    y = layers[0](x)
+    with monkeypatch.context() as patched:  # the second layer through the operator
+        patched.setattr(gbn, "_Eager", type("_ViaOperator", (), {"apply": staticmethod(gbn.ghost_batch_norm)}))
+        expected = layers[1](x)
+    got = [y, *torch.autograd.grad(y, (x, layers[0].weight, layers[0].bias), gy)]
+    want = [expected, *torch.autograd.grad(expected, (x, layers[1].weight, layers[1].bias), gy)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(layers[0].buffers(), layers[1].buffers()))
+    monkeypatch.setattr(gbn, "_Eager", _Refuse)
+    before = layers[0].running_mean.clone()
+    with torch.no_grad():
+        assert torch.equal(layers[0](x), y.detach())
+    assert not torch.equal(layers[0].running_mean, before)
+    with pytest.raises(AssertionError, match="Function ran"):
+        layers[0](x)

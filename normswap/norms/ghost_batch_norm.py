@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from normswap.errors import OptionError
 from normswap.norms import native
+from normswap.norms.eager import differentiable, plain
 from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -158,16 +159,48 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
 
 
-def _autograd_backward(ctx, gy, *_unused):
+def _grads(ctx, gy, backward_fn) -> tuple:
+    """The autograd gradients of (x, weight, bias, sizes, eps, stats_dtype) from ``backward_fn`` (the backward
+    operator or its body)."""
     x, weight, save_mean, save_invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gws, gbs = _ghost_batch_norm_backward(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
+    gx, gws, gbs = backward_fn(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
     gw = gws.sum(0).to(weight.dtype) if need_w else None
     gb = gbs.sum(0).to(weight.dtype) if need_b else None
     return (gx if need_x else None), gw, gb, None, None, None
 
 
+def _autograd_backward(ctx, gy, *_unused):
+    return _grads(ctx, gy, _ghost_batch_norm_backward)
+
+
 ghost_batch_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The operator's forward and backward without its dispatch (tens of microseconds a call each way), for
+    plain tensors in eager mode (:mod:`normswap.norms.eager`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, eps, stats_dtype):
+        output = _forward(x, weight, bias, sizes, eps, stats_dtype)
+        _setup_context(ctx, (x, weight, bias, sizes, eps, stats_dtype), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, gy, *_unused):
+        return _grads(ctx, gy, _backward)
+
+
+def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float,
+                   stats_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward` through the operator (traced, compiled, subclasses), an ``autograd.Function`` (plain
+    eager calls autograd must see) or alone (the rest)."""
+    if not plain(x, weight, bias):
+        return ghost_batch_norm(x, weight, bias, sizes, eps, stats_dtype)
+    if differentiable(x, weight, bias):
+        return _Eager.apply(x, weight, bias, sizes, eps, stats_dtype)
+    return _forward(x, weight, bias, sizes, eps, stats_dtype)
 
 
 class _GhostBatchNormBase:
@@ -216,8 +249,8 @@ class _GhostBatchNormBase:
 
         update = self.training and self.track_running_stats and self.running_mean is not None
         stats_dtype = self.running_mean.dtype if update else None
-        y, _, _, chunk_mean, chunk_var = ghost_batch_norm(x, self.weight, self.bias, list(sizes), self.eps,
-                                                          stats_dtype)
+        y, _, _, chunk_mean, chunk_var = _train_forward(x, self.weight, self.bias, list(sizes), self.eps,
+                                                        stats_dtype)
         if not update:
             return y
         with torch.no_grad():
