@@ -350,3 +350,72 @@ def test_the_ghost_batch_norm_eager_path_computes_what_its_operator_computes(dty
     assert not torch.equal(layers[0].running_mean, before)
     with pytest.raises(AssertionError, match="Function ran"):
         layers[0](x)
+
+
+def _check_per_sample_grads(layer, x):
+    """Per-sample parameter gradients by torch.func (functional_call + vmap(grad)) equal autograd's, sample by
+    sample; so does grad over the parameters with the input captured rather than passed (a plain tensor beside
+    the transform's wrapped parameters)."""
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, sample):
+        return torch.func.functional_call(layer, p, (sample,)).pow(2).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    captured = torch.func.grad(lambda p: loss(p, x[0]))(params)
+    for i, sample in enumerate(x):
+        layer.zero_grad()
+        layer(sample).pow(2).sum().backward()
+        for k, v in layer.named_parameters():
+            torch.testing.assert_close(got[k][i], v.grad)
+            if i == 0:
+                torch.testing.assert_close(captured[k], v.grad)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channel_layer_norm_works_under_torch_func_transforms(memory_format):
+    """grad, jacrev and per-sample gradients (vmap(grad) with functional_call) through ChannelLayerNorm, as
+    through timm's LayerNorm2d: against autograd (they failed: the operator's generated autograd.Function is
+    refused by the transforms)."""
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+
+    torch.manual_seed(0)
+    layer = ChannelLayerNorm(6)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    samples = [s.to(memory_format=memory_format) for s in torch.randn(3, 2, 6, 4, 5)]
+    _check_per_sample_grads(layer, torch.stack(samples))
+    sample = samples[0].requires_grad_(True)
+    layer(sample).pow(2).sum().backward()
+    torch.testing.assert_close(torch.func.grad(lambda s: layer(s).pow(2).sum())(sample.detach()), sample.grad)
+    small = torch.randn(1, 6, 2, 1)
+    torch.testing.assert_close(torch.func.jacrev(layer)(small), torch.autograd.functional.jacobian(layer, small))
+
+
+def test_ghost_batch_norm_works_under_torch_func_transforms_as_batch_norm_does():
+    """torch.func through GhostBatchNorm where it works through nn.BatchNorm2d: without running statistics
+    (replace_all_batch_norm_modules_, the torch.func recipe) grad and per-sample gradients match autograd,
+    and in eval mode grad does; with running statistics in training mode both refuse alike (an in-place update
+    of a buffer during a transform)."""
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    layer = GhostBatchNorm2d(4, virtual_batch_size=2)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 6, 4, 3, 3)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    errors = []
+    for norm in (torch.nn.BatchNorm2d(4), copy.deepcopy(layer)):
+        with pytest.raises(RuntimeError) as raised:
+            torch.func.grad(lambda p: torch.func.functional_call(norm, p, (x[0],)).sum())(params)
+        errors.append(str(raised.value).split(".")[0])
+    assert errors[0] == errors[1]
+    layer.eval()
+    expected = torch.autograd.grad(layer(x[0]).pow(2).sum(), layer.weight)[0]
+    got = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x[0],)).pow(2).sum())(params)["weight"]
+    torch.testing.assert_close(got, expected)
+    layer.train()
+    torch.func.replace_all_batch_norm_modules_(layer)
+    _check_per_sample_grads(layer, x)

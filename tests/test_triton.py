@@ -155,6 +155,27 @@ CHECK = textwrap.dedent('''
     # counts, more than one channel block (320) and several position tiles per sample; then a constant group
     from normswap.norms import triton_groups
     from normswap.norms.group_norm import GroupNorm
+    # torch.func over the parameters (functional_call): grad on the whole batch and per-sample gradients
+    # (vmap(grad)); torch's GroupNorm handles the transforms' wrappers.
+    # Each within float32's error of the float64 gradient (close(): the float32 torch formula's error, 4x)
+    fresh = GroupNorm(4, 12).to(device)
+    params = {k: v.detach() for k, v in fresh.named_parameters()}
+    loss = lambda p, s: torch.func.functional_call(fresh, p, (s,)).pow(2).sum()
+    def weight_grads(dtype, batch):
+        p = {k: v.to(dtype).requires_grad_(True) for k, v in params.items()}
+        out = torch.nn.functional.group_norm(batch.to(dtype), 4, p["weight"], p["bias"], fresh.eps)
+        return torch.autograd.grad(out.pow(2).sum(), p["weight"])[0]
+    xd = torch.randn(2, 12, 5, 6, device=device).to(memory_format=torch.channels_last)
+    # (the input captured, not an argument: a plain tensor beside the transform's wrapped parameters)
+    cases = [("grad", torch.func.grad(lambda p: loss(p, xd))(params)["weight"], xd)]
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xd.unsqueeze(1))["weight"]
+    cases += [(f"per-sample {i}", per_sample[i], xd[i:i + 1]) for i in range(xd.shape[0])]
+    for name, got, batch in cases:
+        ok, diff, tol = close(got, weight_grads(torch.float64, batch), weight_grads(torch.float32, batch),
+                              torch.float32)
+        if not ok:
+            failures += 1
+            print("FAIL group torch.func", name, diff, tol)
     shapes = [((2, 16, 5, 7), 4), ((3, 33, 9, 13), 11), ((2, 6, 3, 4, 5), 3), ((2, 320, 150), 32), ((1, 8, 97), 8)]
     if not full:
         shapes = [shapes[1], shapes[3]]

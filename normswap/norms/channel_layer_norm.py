@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native, triton_channels
-from .eager import differentiable, plain
+from .eager import route
 from .op_grads import autograd_grads, fake_grads
 from .scripted import channels_first
 
@@ -145,8 +145,11 @@ class ChannelLayerNorm(nn.LayerNorm):
         if mixed and not triton_channels.usable(x):
             # half inputs, or parameters of another dtype (autocast): torch's layer norm does the casting
             return channels_first("layer", x, self.weight, self.bias, self.eps)
-        if not plain(x, self.weight, self.bias):  # traced, compiled, a subclass or a torch.func wrapper
-            return channel_layer_norm(x, self.weight, self.bias, self.eps)[0]
-        if differentiable(x, self.weight, self.bias):
+        way = route(x, self.weight, self.bias)
+        if way == "forward":  # inference: no Function needed
+            return _forward(x, self.weight, self.bias, self.eps)[0]
+        if way == "function":
             return _Eager.apply(x, self.weight, self.bias, self.eps)
-        return _forward(x, self.weight, self.bias, self.eps)[0]  # inference: no Function needed
+        if way == "transform":  # torch.func wrappers: torch ops, which the transforms handle
+            return channels_first("layer", x, self.weight, self.bias, self.eps)
+        return channel_layer_norm(x, self.weight, self.bias, self.eps)[0]

@@ -7,6 +7,11 @@ plain eager mode the layers run the operator's body directly instead:
 
 * through an ``autograd.Function`` (about 10 us) when autograd must record the call (:func:`differentiable`);
 * as a bare function call when it need not (``no_grad``, ``inference_mode``, or nothing wants a gradient).
+
+``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``: per-sample gradients with ``functional_call``) wrap
+tensors in ones without a data pointer, which neither a fused kernel nor the operators' generated
+``autograd.Function`` accepts; there each layer runs a form the transforms handle (:func:`route` says
+``"transform"``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from torch.autograd import forward_ad
 
 from .native import has_data
 
-__all__ = ["differentiable", "plain", "untraced"]
+__all__ = ["differentiable", "route", "untraced"]
 
 
 def untraced(x: Tensor) -> bool:
     """Whether a norm's call on ``x`` may skip the operator's dispatch: a plain tensor off the meta device, no
     ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` tracing the call, no ``__torch_function__``
     override or mode. Those see the operator (meta tensors its fake kernel). A ``torch.func`` transform's
-    tensors pass (their type is ``Tensor``) but have no data pointer (see :func:`plain`).
+    tensors pass (their type is ``Tensor``) but have no data pointer (see :func:`route`).
 
     Example:
         >>> untraced(torch.ones(2)), untraced(torch.ones(2, device="meta"))
@@ -32,17 +37,6 @@ def untraced(x: Tensor) -> bool:
     """
     return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch.overrides.has_torch_function((x,)))
-
-
-def plain(x: Tensor, *params: Tensor | None) -> bool:
-    """:func:`untraced` for ``x``, and ``x`` and every parameter given has a data pointer (a ``torch.func``
-    transform's wrappers have none: the operator, or a Function made for the transforms, handles those).
-
-    Example:
-        >>> plain(torch.ones(2), None, torch.ones(2))
-        True
-    """
-    return untraced(x) and all(t is None or has_data(t) for t in (x, *params))
 
 
 def differentiable(*tensors: Tensor | None) -> bool:
@@ -60,3 +54,24 @@ def differentiable(*tensors: Tensor | None) -> bool:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def route(x: Tensor, *params: Tensor | None) -> str:
+    """Which way a norm's call on ``x`` (and its ``params``) goes:
+
+    * ``"operator"``: traced, compiled, exported, a tensor subclass or the meta device (:func:`untraced` fails);
+    * ``"transform"``: a ``torch.func`` transform's wrapper among them (no data pointer);
+    * ``"function"``: plain tensors, and autograd must see the call (:func:`differentiable`);
+    * ``"forward"``: plain tensors, and it need not (inference).
+
+    Example:
+        >>> route(torch.ones(2), torch.ones(2, requires_grad=True)), route(torch.ones(2), None)
+        ('function', 'forward')
+        >>> torch.func.grad(lambda x: x.sum() * (2.0 if route(x) == "transform" else 1.0))(torch.ones(2))
+        tensor([2., 2.])
+    """
+    if not untraced(x):
+        return "operator"
+    if not all(t is None or has_data(t) for t in (x, *params)):
+        return "transform"
+    return "function" if differentiable(x, *params) else "forward"

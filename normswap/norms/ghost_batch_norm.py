@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from normswap.errors import OptionError
 from normswap.norms import native
-from normswap.norms.eager import differentiable, plain
+from normswap.norms.eager import route
 from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -193,14 +193,14 @@ class _Eager(torch.autograd.Function):
 
 
 def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float,
-                   stats_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_forward` through the operator (traced, compiled, subclasses), an ``autograd.Function`` (plain
-    eager calls autograd must see) or alone (the rest)."""
-    if not plain(x, weight, bias):
-        return ghost_batch_norm(x, weight, bias, sizes, eps, stats_dtype)
-    if differentiable(x, weight, bias):
+                   stats_dtype: torch.dtype | None, way: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward` the ``way`` :func:`normswap.norms.eager.route` said: alone (inference), through an
+    ``autograd.Function`` (plain eager calls autograd must see) or through the operator (the rest)."""
+    if way == "forward":
+        return _forward(x, weight, bias, sizes, eps, stats_dtype)
+    if way == "function":
         return _Eager.apply(x, weight, bias, sizes, eps, stats_dtype)
-    return _forward(x, weight, bias, sizes, eps, stats_dtype)
+    return ghost_batch_norm(x, weight, bias, sizes, eps, stats_dtype)
 
 
 class _GhostBatchNormBase:
@@ -234,6 +234,9 @@ class _GhostBatchNormBase:
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._forward_ops(x)
+        way = route(x, self.weight, self.bias)
+        if way == "transform":  # torch.func wrappers: torch ops, which the transforms handle
+            return self._forward_ops(x)
         self._check_input_dim(x)
         # Same rule as nn.BatchNorm: batch statistics in training mode, or whenever there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -250,7 +253,7 @@ class _GhostBatchNormBase:
         update = self.training and self.track_running_stats and self.running_mean is not None
         stats_dtype = self.running_mean.dtype if update else None
         y, _, _, chunk_mean, chunk_var = _train_forward(x, self.weight, self.bias, list(sizes), self.eps,
-                                                        stats_dtype)
+                                                        stats_dtype, way)
         if not update:
             return y
         with torch.no_grad():

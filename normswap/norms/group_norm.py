@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import triton_groups
 from .op_grads import autograd_grads, fake_grads
-from .eager import differentiable, plain
+from .eager import differentiable, route
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -147,13 +147,15 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
         True
     """
     if not torch.compiler.is_compiling() and triton_groups.usable(x) and _valid(x, num_groups, weight, bias):
-        if not plain(x, weight, bias):
+        way = route(x, weight, bias)
+        if way == "operator":
             return group_norm_op(x, weight, bias, num_groups, eps)[0]
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            x, weight, bias = _autocast_inputs(x, weight, bias)
-        if differentiable(x, weight, bias):
-            return _Eager.apply(x, weight, bias, num_groups, eps)
-        return _forward(x, weight, bias, num_groups, eps)[0]  # inference: no Function needed
+        if way != "transform":  # torch.func wrappers go to torch's GroupNorm, which the transforms handle
+            if x.is_cuda and torch.is_autocast_enabled("cuda"):
+                x, weight, bias = _autocast_inputs(x, weight, bias)
+            if differentiable(x, weight, bias):
+                return _Eager.apply(x, weight, bias, num_groups, eps)
+            return _forward(x, weight, bias, num_groups, eps)[0]  # inference: no Function needed
     return F.group_norm(x, num_groups, weight, bias, eps)  # torch's checks and errors for anything else
 
 

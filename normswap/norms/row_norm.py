@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native, triton_rows
-from normswap.norms.eager import differentiable, plain, untraced
+from normswap.norms.eager import route
 from normswap.norms.op_grads import autograd_grads, fake_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -210,11 +210,12 @@ class RowKernel:
         self.op, self._impl, self._eager, self._transformed = op, impl, eager, transformed
 
     def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
-        if untraced(x):
-            if plain(x, weight, bias):
-                if differentiable(x, weight, bias):
-                    return self._eager.apply(x, weight, bias, eps)
-                return row_forward(self._impl, x, weight, bias, eps)  # inference: no Function needed
+        way = route(x, weight, bias)
+        if way == "forward":  # inference: no Function needed
+            return row_forward(self._impl, x, weight, bias, eps)
+        if way == "function":
+            return self._eager.apply(x, weight, bias, eps)
+        if way == "transform":
             return self._transformed.apply(x, weight, bias, eps)
         return self.op(x, weight, bias, eps)
 
