@@ -278,18 +278,72 @@ def test_calls_autograd_need_not_see_run_the_forward_alone(name, monkeypatch):
         kernel(x, w, b, eps)
 
 
-@pytest.mark.parametrize("name", list(OPS))
-def test_a_forward_mode_tangent_is_never_dropped(name):
-    """The norms define no forward-mode derivative: a dual input raises torch's error, with or without grad
-    mode, rather than returning an output without its tangent."""
-    import torch.autograd.forward_ad as fwAD
+def _layers_with_parameters():
+    """One of each layer normswap swaps in (float64, parameters away from their initial values) and an input."""
+    from normswap.norms.bert_layer_norm import BertLayerNorm, BertLayerNorm2d
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+    from normswap.norms.group_norm import GroupNorm
+    from normswap.norms.rms_norm import RMSNorm, RMSNorm2d
+    from normswap.norms.std_conv import standardize_conv
 
-    x, w, b, eps = _args(torch.float32, True, True)
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
-        for grad_mode in (False, True):
-            with torch.set_grad_enabled(grad_mode), pytest.raises(NotImplementedError, match="jvp"):
-                OPS[name](dual, w.detach(), b.detach(), eps)
+    torch.manual_seed(0)
+    cases = {
+        "RMSNorm": (RMSNorm(6, bias=True), (3, 2, 6)), "BertLayerNorm": (BertLayerNorm((2, 3)), (3, 2, 3)),
+        "RMSNorm2d": (RMSNorm2d(4, bias=True), (2, 4, 2, 3)), "BertLayerNorm2d": (BertLayerNorm2d(4), (2, 4, 3)),
+        "ChannelLayerNorm": (ChannelLayerNorm(4), (2, 4, 3, 2)), "GroupNorm": (GroupNorm(2, 4), (2, 4, 3, 2)),
+        "GhostBatchNorm2d": (GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False), (4, 3, 2, 2)),
+        "StdConv2d inside": (standardize_conv(nn.Conv2d(3, 4, 2), 1e-6, "inside"), (2, 3, 3, 3)),
+        "StdConv2d outside": (standardize_conv(nn.Conv2d(3, 4, 2), 1e-6, "outside"), (2, 3, 3, 3)),
+    }
+    for name, (layer, shape) in cases.items():
+        layer.double()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(torch.rand_like(p) - 0.5)
+        yield name, layer, torch.randn(shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,layer,x", list(_layers_with_parameters()), ids=lambda v: v if isinstance(v, str) else "")
+def test_forward_mode_and_second_order_derivatives_of_every_layer(name, layer, x):
+    """Forward-mode AD (torch.autograd.forward_ad, as gradcheck's check_forward_ad uses it), double backward
+    (create_graph=True: gradient penalties, MAML) and forward-over-reverse (torch.func.hessian) through each
+    layer, checked against finite differences by torch's gradcheck / gradgradcheck in float64. Before, forward
+    mode raised and a double backward silently missed every term through the norm (its fused gradients are
+    opaque to autograd)."""
+    names = [k for k, _ in layer.named_parameters()]
+
+    def fn(inp, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (inp,))
+
+    inputs = (x.requires_grad_(True), *(p.detach().requires_grad_(True) for p in layer.parameters()))
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, check_fwd_over_rev=True)
+    hessian = torch.func.hessian(lambda inp: fn(inp, *inputs[1:]).pow(3).sum())(x.detach())
+    expected = torch.autograd.functional.hessian(lambda inp: fn(inp, *inputs[1:]).pow(3).sum(), x.detach())
+    torch.testing.assert_close(hessian, expected)
+
+
+def test_a_gradient_penalty_through_a_converted_model_matches_its_torch_ops_form():
+    """An R1-style penalty (the squared input gradient, differentiated again) on a float32 converted model
+    whose norms run the fused CPU kernels equals the same model run as TorchScript (every layer's torch-ops
+    form): the gradient through the norm is recorded by autograd. Before, the penalty's weight gradients
+    missed every term through the norms (0.8 of the largest one apart for the first Linear)."""
+    from normswap.norms.rms_norm import RMSNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), RMSNorm(8, bias=True), nn.GELU(), nn.Linear(8, 8), RMSNorm(8), nn.Linear(8, 1))
+    scripted = torch.jit.script(model)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def penalty_grads(m):
+        (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), list(m.parameters()), allow_unused=True)
+
+    got, expected = penalty_grads(model), penalty_grads(scripted)
+    assert [g is None for g in got] == [e is None for e in expected] == [False] * 8 + [True]  # the last bias
+    for g, e in zip(got[:-1], expected[:-1]):
+        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -176,6 +176,20 @@ CHECK = textwrap.dedent('''
         if not ok:
             failures += 1
             print("FAIL group torch.func", name, diff, tol)
+    # a gradient penalty (double backward) through the Triton path: autograd records the gradient's formula
+    def penalty(dtype, norm):
+        xp = xd.to(dtype).requires_grad_(True)
+        p = {k: v.to(dtype).requires_grad_(True) for k, v in params.items()}
+        (g,) = torch.autograd.grad(norm(xp, p).pow(3).sum(), xp, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), [xp, p["weight"], p["bias"]])
+    torch_gn = lambda xp, p: torch.nn.functional.group_norm(xp, 4, p["weight"], p["bias"], fresh.eps)
+    ours = penalty(torch.float32, lambda xp, p: torch.func.functional_call(fresh, p, (xp,)))
+    for name, g, exp, approx in zip(["x", "w", "b"], ours, penalty(torch.float64, torch_gn),
+                                    penalty(torch.float32, torch_gn)):
+        ok, diff, tol = close(g, exp, approx, torch.float32)
+        if not ok:
+            failures += 1
+            print("FAIL group double backward", name, diff, tol)
     shapes = [((2, 16, 5, 7), 4), ((3, 33, 9, 13), 11), ((2, 6, 3, 4, 5), 3), ((2, 320, 150), 32), ((1, 8, 97), 8)]
     if not full:
         shapes = [shapes[1], shapes[3]]

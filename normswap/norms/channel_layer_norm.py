@@ -12,7 +12,7 @@ from torch import nn
 
 from . import native, triton_channels
 from .eager import route
-from .op_grads import autograd_grads, fake_grads
+from .op_grads import autograd_grads, fake_grads, recorded_grads
 from .scripted import channels_first
 
 
@@ -89,14 +89,18 @@ def _(grad, x, mean, rstd, weight, bias, need_x, need_weight, need_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.eps = eps
 
 
 def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, eps) from ``backward_fn`` (the operator or its body)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
+        formula = lambda x, w, b: channels_first("layer", x, w, b, ctx.eps)  # noqa: E731
+        return recorded_grads(formula, (x, weight, bias), gy, need) + (None,)
     return autograd_grads(need, weight, bias, *backward_fn(gy, x, mean, rstd, weight, bias, *need), 1)
 
 

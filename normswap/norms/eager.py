@@ -10,8 +10,8 @@ plain eager mode the layers run the operator's body directly instead:
 
 ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``: per-sample gradients with ``functional_call``) wrap
 tensors in ones without a data pointer, which neither a fused kernel nor the operators' generated
-``autograd.Function`` accepts; there each layer runs a form the transforms handle (:func:`route` says
-``"transform"``).
+``autograd.Function`` accepts, and forward-mode AD needs a derivative the fused kernels lack; there each layer
+runs a form that has them (:func:`route` says ``"transform"``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def untraced(x: Tensor) -> bool:
 
 
 def differentiable(*tensors: Tensor | None) -> bool:
-    """Whether autograd must see a call on ``tensors``: grad mode on and one of them requiring a gradient, or one
-    of them carrying a forward-mode tangent (``torch.autograd.forward_ad``).
+    """Whether autograd must record a call on ``tensors``: grad mode on and one of them requiring a gradient.
 
     Example:
         >>> w = torch.ones(2, requires_grad=True)
@@ -51,16 +50,15 @@ def differentiable(*tensors: Tensor | None) -> bool:
         ...     differentiable(torch.ones(2), w)
         False
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def route(x: Tensor, *params: Tensor | None) -> str:
     """Which way a norm's call on ``x`` (and its ``params``) goes:
 
     * ``"operator"``: traced, compiled, exported, a tensor subclass or the meta device (:func:`untraced` fails);
-    * ``"transform"``: a ``torch.func`` transform's wrapper among them (no data pointer);
+    * ``"transform"``: a ``torch.func`` transform's wrapper among them (no data pointer), or a forward-mode
+      tangent (``torch.autograd.forward_ad``): a form with a forward-mode derivative;
     * ``"function"``: plain tensors, and autograd must see the call (:func:`differentiable`);
     * ``"forward"``: plain tensors, and it need not (inference).
 
@@ -72,6 +70,11 @@ def route(x: Tensor, *params: Tensor | None) -> str:
     """
     if not untraced(x):
         return "operator"
-    if not all(t is None or has_data(t) for t in (x, *params)):
+    tensors = (x, *params)
+    if not all(t is None or has_data(t) for t in tensors) or any(_has_tangent(t) for t in tensors):
         return "transform"
-    return "function" if differentiable(x, *params) else "forward"
+    return "function" if differentiable(*tensors) else "forward"
+
+
+def _has_tangent(t: Tensor | None) -> bool:
+    return t is not None and forward_ad.unpack_dual(t).tangent is not None

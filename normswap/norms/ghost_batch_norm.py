@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.eager import route
+from normswap.norms.op_grads import recorded_grads
 from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -153,8 +154,8 @@ def _(gy, x, weight, save_mean, save_invstd, sizes, eps, need_x):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, sizes, eps, _stats_dtype = inputs
-    ctx.save_for_backward(x, weight, output[1], output[2])
+    x, weight, bias, sizes, eps, _stats_dtype = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
     ctx.sizes, ctx.eps = list(sizes), eps
     ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
 
@@ -162,8 +163,11 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, sizes, eps, stats_dtype) from ``backward_fn`` (the backward
     operator or its body)."""
-    x, weight, save_mean, save_invstd = ctx.saved_tensors
+    x, weight, bias, save_mean, save_invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
+        formula = lambda x, w, b: ghost_batch_norm_train(x, w, b, ctx.sizes, ctx.eps)[0]  # noqa: E731
+        return recorded_grads(formula, (x, weight, bias), gy, (need_x, need_w, need_b)) + (None, None, None)
     gx, gws, gbs = backward_fn(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
     gw = gws.sum(0).to(weight.dtype) if need_w else None
     gb = gbs.sum(0).to(weight.dtype) if need_b else None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_groups
-from .op_grads import autograd_grads, fake_grads
+from .op_grads import autograd_grads, fake_grads, recorded_grads
 from .eager import differentiable, route
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -83,21 +83,27 @@ def _(grad, x, mean, rstd, weight, bias, groups, need_x, need_weight, need_bias)
     return fake_grads(x, weight, bias, need_x, need_weight, need_bias)
 
 
-def _save(ctx, x, weight, bias, mean, rstd, groups) -> None:
+def _save(ctx, x, weight, bias, mean, rstd, groups, eps) -> None:
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.groups = groups
+    ctx.groups, ctx.eps = groups, eps
 
 
 def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, groups, eps) from ``backward_fn`` (the operator or its body)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
+        cdt = mean.dtype
+        formula = lambda x, w, b: F.group_norm(  # noqa: E731
+            x.to(cdt), ctx.groups, None if w is None else w.to(cdt), None if b is None else b.to(cdt), ctx.eps,
+        ).to(x.dtype)
+        return recorded_grads(formula, (x, weight, bias), gy, need) + (None, None)
     return autograd_grads(need, weight, bias, *backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need), 2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, _ = inputs
-    _save(ctx, x, weight, bias, output[1], output[2], groups)
+    x, weight, bias, groups, eps = inputs
+    _save(ctx, x, weight, bias, output[1], output[2], groups, eps)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
@@ -117,7 +123,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         y, mean, rstd = _forward(x, weight, bias, groups, eps)
-        _save(ctx, x, weight, bias, mean, rstd, groups)
+        _save(ctx, x, weight, bias, mean, rstd, groups, eps)
         return y
 
     @staticmethod

@@ -1,10 +1,13 @@
 """What the norms' ``torch.library`` operators share about gradients (:func:`~normswap.norms.row_norm.define_row_op`,
 ``normswap::channel_layer_norm``, ``normswap::group_norm``): each backward operator takes ``need_x``,
 ``need_weight``, ``need_bias`` and returns three tensors, an empty one for each gradient not asked for
-(operators return tensors, never ``None``); autograd then wants ``None`` in those places.
+(operators return tensors, never ``None``); autograd then wants ``None`` in those places. Where autograd records
+the backward itself (:func:`recorded_grads`), the gradients come from the norm's torch-ops formula instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,3 +40,35 @@ def autograd_grads(need: tuple[bool, ...], weight: Tensor | None, bias: Tensor |
     """
     return (gx if need[0] else None, gw if need[1] and weight is not None else None,
             gb if need[2] and bias is not None else None) + (None,) * others
+
+
+def recorded_grads(formula: Callable[..., Tensor], tensors: Sequence[Tensor | None], gy: Tensor,
+                   need: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """The gradients of ``formula(*tensors)`` (the norm in torch ops) against ``gy``, for each tensor ``need``
+    asks for (``None`` elsewhere), computed so that autograd records them: what a norm's backward returns
+    when its own gradient will be differentiated (``create_graph=True``: gradient penalties, MAML, Hessians;
+    forward-over-reverse under ``torch.func``). The fused kernels' gradients are opaque to autograd there: a
+    further backward would miss every term through the norm.
+
+    Example:
+        >>> x = torch.randn(3, requires_grad=True)
+        >>> (g,) = recorded_grads(lambda t: t.pow(2), (x,), torch.ones(3), (True,))
+        >>> bool(torch.allclose(torch.autograd.grad(g.sum(), x)[0], torch.full((3,), 2.0)))
+        True
+    """
+    wanted = [i for i, (t, n) in enumerate(zip(tensors, need)) if n and t is not None]
+    grads: list[Tensor | None] = [None] * len(tensors)
+    if not wanted:
+        return tuple(grads)
+
+    def partial(*chosen: Tensor) -> Tensor:
+        args = list(tensors)
+        for i, t in zip(wanted, chosen):
+            args[i] = t
+        return formula(*args)
+
+    with torch.enable_grad():
+        _, pullback = torch.func.vjp(partial, *(tensors[i] for i in wanted))
+        for i, g in zip(wanted, pullback(gy)):
+            grads[i] = g
+    return tuple(grads)

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native, triton_rows
 from normswap.norms.eager import route
-from normswap.norms.op_grads import autograd_grads, fake_grads
+from normswap.norms import scripted
+from normswap.norms.op_grads import autograd_grads, fake_grads, recorded_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -146,15 +147,16 @@ class RowImpl:
       ``fresh`` says ``xc`` is a private upcast copy the forward may overwrite.
 
     ``xc`` / ``g`` are ``[rows, d]`` in the compute dtype; ``need`` is (input, weight, bias) gradients wanted.
-    ``triton_kind`` (a key of ``triton_rows.KINDS``: ``"rms"``, ``"bert"``, ``"layer"``) names the Triton
-    kernels of :mod:`normswap.norms.triton_rows` that run on CUDA tensors where Triton is installed.
+    ``kind`` (``"rms"``, ``"bert"``, ``"layer"``: a key of ``triton_rows.KINDS``) names the norm's formula: the
+    Triton kernels of :mod:`normswap.norms.triton_rows` that run on CUDA tensors where Triton is installed, and
+    its forward-mode derivative (:func:`row_tangent`).
     """
 
     native_forward: Callable | None
     native_backward: Callable | None
     torch_forward: Callable
     torch_backward: Callable
-    triton_kind: str | None = None
+    kind: str
 
 
 def row_forward(impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -163,8 +165,8 @@ def row_forward(impl: RowImpl, x: Tensor, weight: Tensor | None, bias: Tensor | 
     compute dtype as one ``[rows, k]`` tensor, on the fused kernels where they apply, else on torch ops."""
     if impl.native_forward is not None and native.usable(x):  # float32 on a CPU: autocast cannot touch it
         return impl.native_forward(x, weight, bias, eps)
-    if impl.triton_kind is not None and triton_rows.usable(x):  # reads x in its own dtype: no upcast copy
-        return triton_rows.forward(x, weight, bias, eps, impl.triton_kind)
+    if triton_rows.usable(x):  # reads x in its own dtype: no upcast copy
+        return triton_rows.forward(x, weight, bias, eps, impl.kind)
     cdt = _compute_dtype(x.dtype)
     with _no_autocast(x.device.type):
         xc = x if x.dtype == cdt else x.to(cdt)
@@ -183,8 +185,8 @@ def row_backward(impl: RowImpl, gy: Tensor, x: Tensor, stats: Tensor, weight: Te
     """The gradients of :func:`row_forward`, each in its input's dtype: on the implementation the forward used
     where the gradient is a plain tensor too, else on torch ops (every implementation of a norm lays out its
     statistics alike, so any backward reads any forward's)."""
-    if impl.triton_kind is not None and triton_rows.usable(x) and triton_rows.usable(gy.reshape(x.shape)):
-        gx, gw, gb = triton_rows.backward(gy, x, stats, weight, impl.triton_kind, need)
+    if triton_rows.usable(x) and triton_rows.usable(gy.reshape(x.shape)):
+        gx, gw, gb = triton_rows.backward(gy, x, stats, weight, impl.kind, need)
     else:
         cdt = stats.dtype
         with _no_autocast(gy.device.type):
@@ -199,6 +201,48 @@ def row_backward(impl: RowImpl, gy: Tensor, x: Tensor, stats: Tensor, weight: Te
     gw = None if weight is None else _restore(gw, weight.dtype, weight.shape)
     gb = None if bias is None else _restore(gb, bias.dtype, bias.shape)
     return gx, gw, gb
+
+
+def row_tangent(kind: str, x: Tensor, weight: Tensor | None, stats: Tensor, x_t: Tensor | None,
+                w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
+    """The forward-mode derivative (tangent of ``y``) of the row norm ``kind`` at ``x`` ``[rows, d]`` with the
+    statistics its forward wrote, given the tangents of ``x``, ``weight`` and ``bias`` (``None``: no tangent).
+
+    Every row norm is ``y = w * (x - m) * r + b``; with ``xc = x - m``, ``u = x_t - mean(x_t)`` (``x_t`` for
+    RMSNorm, whose ``m`` is 0) and ``q = sum(xc * u)``: ``r_t = -r^3 q / d`` (RMSNorm, LayerNorm), ``-r^2 q /
+    ((d - 1) s)`` (BERT, its unbiased ``s``; 0 where ``s`` is), and ``y_t = w (u r + xc r_t) + w_t xc r + b_t``.
+    Computed in the statistics' dtype (float32 for half inputs), returned in ``x``'s.
+
+    Example:
+        >>> x, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+        >>> rstd = x.pow(2).mean(1, keepdim=True).add(1e-6).rsqrt()
+        >>> f = lambda x: x * x.pow(2).mean(1, keepdim=True).add(1e-6).rsqrt()
+        >>> bool(torch.allclose(row_tangent("rms", x, None, rstd, t, None, None), torch.func.jvp(f, (x,), (t,))[1]))
+        True
+    """
+    cdt, d = stats.dtype, x.shape[1]
+    xf = x.to(cdt)
+    r = stats[:, 1:2] if kind != "rms" else stats[:, :1]
+    xc = xf - stats[:, :1] if kind != "rms" else xf
+    y_t = torch.zeros_like(xf)
+    if x_t is not None:
+        u = x_t.to(cdt)
+        if kind != "rms":
+            u = u - u.mean(1, keepdim=True)
+        q = (xc * u).sum(1, keepdim=True)
+        if kind == "bert":
+            s = stats[:, 2:3]
+            r_t = torch.where(s > 0, -r * r * q / ((d - 1) * s.clamp_min(torch.finfo(cdt).tiny)), 0.0)
+        else:
+            r_t = -(r * r * r) * q / d
+        y_t = u * r + xc * r_t
+        if weight is not None:
+            y_t = y_t * weight.reshape(-1).to(cdt)
+    if w_t is not None:
+        y_t = y_t + xc * r * w_t.reshape(-1).to(cdt)
+    if b_t is not None:
+        y_t = y_t + b_t.reshape(-1).to(cdt)
+    return y_t.to(x.dtype)
 
 
 class RowKernel:
@@ -230,7 +274,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     runs the same two functions through an ``autograd.Function`` instead, which skips the dispatcher's
     per-call cost (see :mod:`normswap.norms.eager`: tracing and subclasses get the operator; a call autograd
     need not see runs the forward alone). Under ``torch.func`` transforms another ``autograd.Function`` runs
-    them, in the form the transforms require: ``grad``, ``jacrev`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
+    them, in the form the transforms require (forward-mode AD too: :func:`row_tangent`): ``grad``, ``jacrev``,
+    ``jvp``, ``jacfwd`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
     operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor,
     never a view of the input, so an in-place op after the norm (``ReLU(inplace=True)``) is allowed.
     """
@@ -266,9 +311,15 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
         ctx.eps = eps
         ctx.mark_non_differentiable(output[1])
 
-    def grads(ctx, gy, backward_fn):
+    def formula(x, weight, bias, eps):
+        return scripted.rows(impl.kind, x, 1, None if weight is None else weight.reshape(-1),
+                             None if bias is None else bias.reshape(-1), eps)
+
+    def grads(ctx, gy, backward_fn, recorded=False):
         x, weight, bias, stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
+        if recorded or torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True)
+            return recorded_grads(lambda *t: formula(*t, ctx.eps), (x, weight, bias), gy, need) + (None,)
         return autograd_grads(need, weight, bias, *backward_fn(gy, x, stats, weight, bias, ctx.eps, *need), 1)
 
     fwd.register_autograd(lambda ctx, gy, _gstats: grads(ctx, gy, bwd), setup_context=save)
@@ -297,10 +348,18 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
         @staticmethod
         def setup_context(ctx, inputs, output):
             save(ctx, inputs, output)
+            ctx.save_for_forward(inputs[0], inputs[1], output[1])
 
         @staticmethod
         def backward(ctx, gy, _gstats):
-            return grads(ctx, gy, backward)
+            # torch ops a further transform can see through (forward-over-reverse: torch.func.hessian)
+            return grads(ctx, gy, backward, recorded=True)
+
+        @staticmethod
+        def jvp(ctx, x_t, w_t, b_t, _eps_t):
+            # forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): torch ops on the tangents
+            x, weight, stats = ctx.saved_tensors
+            return row_tangent(impl.kind, x, weight, stats, x_t, w_t, b_t), None
 
         @staticmethod
         def vmap(info, in_dims, x, weight, bias, eps):
