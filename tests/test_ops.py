@@ -473,3 +473,26 @@ def test_ghost_batch_norm_works_under_torch_func_transforms_as_batch_norm_does()
     layer.train()
     torch.func.replace_all_batch_norm_modules_(layer)
     _check_per_sample_grads(layer, x)
+
+
+def test_forward_mode_ad_through_ghost_batch_norm_with_running_statistics():
+    """A training-mode GhostBatchNorm with running statistics under forward-mode AD: the output's tangent is
+    the per-virtual-batch formula's, the running statistics are updated as without tangents and, as in
+    nn.BatchNorm, carry none."""
+    import torch.autograd.forward_ad as fwAD
+
+    from normswap.norms.ghost_batch_norm import GhostBatchNorm2d
+    from normswap.norms.scripted import ghost_batch_norm_train
+
+    torch.manual_seed(0)
+    layer, twin = GhostBatchNorm2d(3, virtual_batch_size=2), GhostBatchNorm2d(3, virtual_batch_size=2)
+    x, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    expected = torch.func.jvp(lambda v: ghost_batch_norm_train(v, layer.weight, layer.bias, [2, 2], layer.eps)[0],
+                              (x,), (t,))[1]
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, t))).tangent
+        assert fwAD.unpack_dual(layer.running_mean).tangent is None
+    twin(x)
+    torch.testing.assert_close(tangent, expected)
+    for a, b in zip(layer.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b)

@@ -154,6 +154,6 @@ class ChannelLayerNorm(nn.LayerNorm):
             return _forward(x, self.weight, self.bias, self.eps)[0]
         if way == "function":
             return _Eager.apply(x, self.weight, self.bias, self.eps)
-        if way == "transform":  # torch.func wrappers: torch ops, which the transforms handle
+        if way == "transform":  # torch.func wrappers or forward-mode tangents: torch ops, which handle them
             return channels_first("layer", x, self.weight, self.bias, self.eps)
         return channel_layer_norm(x, self.weight, self.bias, self.eps)[0]

@@ -239,7 +239,7 @@ class _GhostBatchNormBase:
         if torch.jit.is_scripting():
             return self._forward_ops(x)
         way = route(x, self.weight, self.bias)
-        if way == "transform":  # torch.func wrappers: torch ops, which the transforms handle
+        if way == "transform":  # torch.func wrappers or forward-mode tangents: torch ops, which handle them
             return self._forward_ops(x)
         self._check_input_dim(x)
         # Same rule as nn.BatchNorm: batch statistics in training mode, or whenever there are no running ones.
@@ -311,7 +311,8 @@ class _GhostBatchNormBase:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
             factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
-        mean, var = merged_batch_stats(chunk_mean, chunk_var, sizes, values_per_sample)
+        # detached: a forward-mode tangent of the batch statistics stays out of the buffers, as in nn.BatchNorm
+        mean, var = merged_batch_stats(chunk_mean.detach(), chunk_var.detach(), sizes, values_per_sample)
         # Same update expression as the batch-norm kernel: momentum * batch + (1 - momentum) * running.
         running_mean.copy_(mean.mul_(factor).add_(running_mean.double(), alpha=1.0 - factor))
         running_var.copy_(var.mul_(factor).add_(running_var.double(), alpha=1.0 - factor))

@@ -156,7 +156,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: T
         way = route(x, weight, bias)
         if way == "operator":
             return group_norm_op(x, weight, bias, num_groups, eps)[0]
-        if way != "transform":  # torch.func wrappers go to torch's GroupNorm, which the transforms handle
+        if way != "transform":  # torch.func wrappers, forward-mode tangents: torch's GroupNorm handles them
             if x.is_cuda and torch.is_autocast_enabled("cuda"):
                 x, weight, bias = _autocast_inputs(x, weight, bias)
             if differentiable(x, weight, bias):
