@@ -496,3 +496,20 @@ def test_forward_mode_ad_through_ghost_batch_norm_with_running_statistics():
     torch.testing.assert_close(tangent, expected)
     for a, b in zip(layer.buffers(), twin.buffers()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,layer,x", list(_layers_with_parameters()), ids=lambda v: v if isinstance(v, str) else "")
+def test_batched_gradients_through_every_layer(name, layer, x):
+    """autograd.grad(..., is_grads_batched=True) (vmap over the backward: Jacobian rows, per-output gradients)
+    through each layer on its fused float32 path equals one backward per gradient. ChannelLayerNorm and
+    GhostBatchNorm raised "Cannot access data pointer" once their eager path skipped the operator: a batched
+    gradient now goes to the backward operator."""
+    layer.float()
+    x = x.float().requires_grad_(True)
+    y = layer(x)
+    grads = torch.randn(4, *y.shape, generator=torch.Generator().manual_seed(0))
+    inputs = (x, *layer.parameters())
+    batched = torch.autograd.grad(y, inputs, grads, is_grads_batched=True, retain_graph=True)
+    for i, g in enumerate(grads):
+        for got, expected in zip(batched, torch.autograd.grad(y, inputs, g, retain_graph=True)):
+            torch.testing.assert_close(got[i], expected)

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import native, triton_channels
 from .eager import route
+from .native import has_data
 from .op_grads import autograd_grads, fake_grads, recorded_grads
 from .scripted import channels_first
 
@@ -123,7 +124,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        return _grads(ctx, gy, _backward)
+        # a gradient without data (vmapped: autograd.grad(..., is_grads_batched=True)) goes to the backward
+        # operator, which torch runs per sample
+        return _grads(ctx, gy, _backward if has_data(gy) else _channel_layer_norm_backward)
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.eager import route
+from normswap.norms.native import has_data
 from normswap.norms.op_grads import recorded_grads
 from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
@@ -193,7 +194,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, *_unused):
-        return _grads(ctx, gy, _backward)
+        # a gradient without data (vmapped: autograd.grad(..., is_grads_batched=True)) goes to the backward
+        # operator, which torch runs per sample
+        return _grads(ctx, gy, _backward if has_data(gy) else _ghost_batch_norm_backward)
 
 
 def _train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float,

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_groups
-from .op_grads import autograd_grads, fake_grads, recorded_grads
 from .eager import differentiable, route
+from .native import has_data
+from .op_grads import autograd_grads, fake_grads, recorded_grads
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -128,7 +129,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        return _grads(ctx, gy, _backward)
+        # a gradient without data (vmapped: autograd.grad(..., is_grads_batched=True)) goes to the backward
+        # operator, which torch runs per sample
+        return _grads(ctx, gy, _backward if has_data(gy) else _group_norm_backward)
 
 
 def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
