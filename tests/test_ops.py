@@ -332,7 +332,8 @@ def test_a_gradient_penalty_through_a_converted_model_matches_its_torch_ops_form
     from normswap.norms.rms_norm import RMSNorm
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), RMSNorm(8, bias=True), nn.GELU(), nn.Linear(8, 8), RMSNorm(8), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(8, 8), RMSNorm(8, bias=True), nn.GELU(), nn.Linear(8, 8), RMSNorm(8),
+                          nn.Linear(8, 1))
     scripted = torch.jit.script(model)
     x = torch.randn(5, 8, requires_grad=True)
 

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, OptionError
-from normswap.norms import native, triton_rows
+from normswap.norms import native, scripted, triton_rows
 from normswap.norms.eager import route
-from normswap.norms import scripted
 from normswap.norms.op_grads import autograd_grads, fake_grads, recorded_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -217,7 +216,8 @@ def row_tangent(kind: str, x: Tensor, weight: Tensor | None, stats: Tensor, x_t:
         >>> x, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
         >>> rstd = x.pow(2).mean(1, keepdim=True).add(1e-6).rsqrt()
         >>> f = lambda x: x * x.pow(2).mean(1, keepdim=True).add(1e-6).rsqrt()
-        >>> bool(torch.allclose(row_tangent("rms", x, None, rstd, t, None, None), torch.func.jvp(f, (x,), (t,))[1]))
+        >>> tangent = row_tangent("rms", x, None, rstd, t, None, None)
+        >>> bool(torch.allclose(tangent, torch.func.jvp(f, (x,), (t,))[1]))
         True
     """
     cdt, d = stats.dtype, x.shape[1]
@@ -275,8 +275,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     per-call cost (see :mod:`normswap.norms.eager`: tracing and subclasses get the operator; a call autograd
     need not see runs the forward alone). Under ``torch.func`` transforms another ``autograd.Function`` runs
     them, in the form the transforms require (forward-mode AD too: :func:`row_tangent`): ``grad``, ``jacrev``,
-    ``jvp``, ``jacfwd`` and ``vmap`` work (one call over every sample's rows where the parameters are shared, else the
-    operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor,
+    ``jvp``, ``jacfwd`` and ``vmap`` work (one call over every sample's rows where the parameters are shared,
+    else the operator per sample), ``vmap(grad(...))`` too, for per-sample gradients. The output is a fresh tensor,
     never a view of the input, so an in-place op after the norm (``ReLU(inplace=True)``) is allowed.
     """
     empty = lambda t: t.new_empty(0)  # noqa: E731 - a gradient not asked for: operators return tensors, not None
