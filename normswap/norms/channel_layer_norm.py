@@ -13,7 +13,7 @@ from torch import nn
 from . import native, triton_channels
 from .eager import route
 from .native import has_data
-from .op_grads import autograd_grads, fake_grads, recorded_grads
+from .op_grads import fake_grads, norm_grads
 from .scripted import channels_first
 
 
@@ -99,10 +99,8 @@ def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, eps) from ``backward_fn`` (the operator or its body)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
-        formula = lambda x, w, b: channels_first("layer", x, w, b, ctx.eps)  # noqa: E731
-        return recorded_grads(formula, (x, weight, bias), gy, need) + (None,)
-    return autograd_grads(need, weight, bias, *backward_fn(gy, x, mean, rstd, weight, bias, *need), 1)
+    return norm_grads(need, lambda x, w, b: channels_first("layer", x, w, b, ctx.eps), x, weight, bias, gy,
+                      lambda: backward_fn(gy, x, mean, rstd, weight, bias, *need), 1)
 
 
 def _autograd_backward(ctx, gy, _gmean, _grstd):

@@ -34,7 +34,7 @@ from normswap.errors import OptionError
 from normswap.norms import native
 from normswap.norms.eager import route
 from normswap.norms.native import has_data
-from normswap.norms.op_grads import recorded_grads
+from normswap.norms.op_grads import norm_grads
 from normswap.norms.scripted import chunk_sizes, ghost_batch_norm_train, merged_batch_stats
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -166,13 +166,13 @@ def _grads(ctx, gy, backward_fn) -> tuple:
     operator or its body)."""
     x, weight, bias, save_mean, save_invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
-        formula = lambda x, w, b: ghost_batch_norm_train(x, w, b, ctx.sizes, ctx.eps)[0]  # noqa: E731
-        return recorded_grads(formula, (x, weight, bias), gy, (need_x, need_w, need_b)) + (None, None, None)
-    gx, gws, gbs = backward_fn(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
-    gw = gws.sum(0).to(weight.dtype) if need_w else None
-    gb = gbs.sum(0).to(weight.dtype) if need_b else None
-    return (gx if need_x else None), gw, gb, None, None, None
+
+    def fused() -> tuple[Tensor, Tensor | None, Tensor | None]:  # the per-chunk parameter gradients summed
+        gx, gws, gbs = backward_fn(gy, x, weight, save_mean, save_invstd, ctx.sizes, ctx.eps, need_x)
+        return gx, gws.sum(0).to(weight.dtype) if need_w else None, gbs.sum(0).to(weight.dtype) if need_b else None
+
+    return norm_grads((need_x, need_w, need_b), lambda x, w, b: ghost_batch_norm_train(x, w, b, ctx.sizes, ctx.eps)[0],
+                      x, weight, bias, gy, fused, 3)
 
 
 def _autograd_backward(ctx, gy, *_unused):
@@ -241,9 +241,6 @@ class _GhostBatchNormBase:
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._forward_ops(x)
-        way = route(x, self.weight, self.bias)
-        if way == "transform":  # torch.func wrappers or forward-mode tangents: torch ops, which handle them
-            return self._forward_ops(x)
         self._check_input_dim(x)
         # Same rule as nn.BatchNorm: batch statistics in training mode, or whenever there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -259,8 +256,12 @@ class _GhostBatchNormBase:
 
         update = self.training and self.track_running_stats and self.running_mean is not None
         stats_dtype = self.running_mean.dtype if update else None
-        y, _, _, chunk_mean, chunk_var = _train_forward(x, self.weight, self.bias, list(sizes), self.eps,
-                                                        stats_dtype, way)
+        way = route(x, self.weight, self.bias)
+        if way == "transform":  # torch.func wrappers or forward-mode tangents: torch ops, which handle them
+            y, chunk_mean, chunk_var = ghost_batch_norm_train(x, self.weight, self.bias, list(sizes), self.eps)
+        else:
+            y, _, _, chunk_mean, chunk_var = _train_forward(x, self.weight, self.bias, list(sizes), self.eps,
+                                                            stats_dtype, way)
         if not update:
             return y
         with torch.no_grad():

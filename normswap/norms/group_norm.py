@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import triton_groups
 from .eager import differentiable, route
 from .native import has_data
-from .op_grads import autograd_grads, fake_grads, recorded_grads
+from .op_grads import fake_grads, norm_grads
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -93,13 +93,14 @@ def _grads(ctx, gy, backward_fn) -> tuple:
     """The autograd gradients of (x, weight, bias, groups, eps) from ``backward_fn`` (the operator or its body)."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True): torch ops
-        cdt = mean.dtype
-        formula = lambda x, w, b: F.group_norm(  # noqa: E731
-            x.to(cdt), ctx.groups, None if w is None else w.to(cdt), None if b is None else b.to(cdt), ctx.eps,
-        ).to(x.dtype)
-        return recorded_grads(formula, (x, weight, bias), gy, need) + (None, None)
-    return autograd_grads(need, weight, bias, *backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need), 2)
+    cdt = mean.dtype
+
+    def formula(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        return F.group_norm(x.to(cdt), ctx.groups, None if w is None else w.to(cdt),
+                            None if b is None else b.to(cdt), ctx.eps).to(x.dtype)
+
+    return norm_grads(need, formula, x, weight, bias, gy,
+                      lambda: backward_fn(gy, x, mean, rstd, weight, bias, ctx.groups, *need), 2)
 
 
 def _setup_context(ctx, inputs, output):

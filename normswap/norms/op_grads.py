@@ -72,3 +72,22 @@ def recorded_grads(formula: Callable[..., Tensor], tensors: Sequence[Tensor | No
         for i, g in zip(wanted, pullback(gy)):
             grads[i] = g
     return tuple(grads)
+
+
+def norm_grads(need: Sequence[bool], formula: Callable[..., Tensor], x: Tensor, weight: Tensor | None,
+               bias: Tensor | None, gy: Tensor, fused: Callable[[], tuple[Tensor, Tensor, Tensor]], others: int,
+               recorded: bool = False) -> tuple[Tensor | None, ...]:
+    """What a norm's autograd backward returns for ``(x, weight, bias, *others)``: the gradients of its torch-ops
+    ``formula`` (:func:`recorded_grads`) when autograd records the backward (grad mode on inside it:
+    ``create_graph=True``) or ``recorded`` asks for them, else the three tensors of its fused backward
+    ``fused()`` (:func:`autograd_grads`).
+
+    Example:
+        >>> x, w = torch.ones(2), torch.full((2,), 3.0)
+        >>> fused = lambda: (w.clone(), x.clone(), x.new_empty(0))
+        >>> norm_grads((True, True, False), lambda x, w, b: x * w, x, w, None, torch.ones(2), fused, 1)
+        (tensor([3., 3.]), tensor([1., 1.]), None, None)
+    """
+    if recorded or torch.is_grad_enabled():
+        return recorded_grads(formula, (x, weight, bias), gy, need) + (None,) * others
+    return autograd_grads(tuple(need), weight, bias, *fused(), others)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from normswap.errors import NormSwapError, OptionError
 from normswap.norms import native, scripted, triton_rows
 from normswap.norms.eager import route
-from normswap.norms.op_grads import autograd_grads, fake_grads, recorded_grads
+from normswap.norms.op_grads import fake_grads, norm_grads
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -318,9 +318,8 @@ def define_row_op(name: str, impl: RowImpl, stats_width: int) -> RowKernel:
     def grads(ctx, gy, backward_fn, recorded=False):
         x, weight, bias, stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        if recorded or torch.is_grad_enabled():  # the gradient will be differentiated (create_graph=True)
-            return recorded_grads(lambda *t: formula(*t, ctx.eps), (x, weight, bias), gy, need) + (None,)
-        return autograd_grads(need, weight, bias, *backward_fn(gy, x, stats, weight, bias, ctx.eps, *need), 1)
+        return norm_grads(need, lambda *t: formula(*t, ctx.eps), x, weight, bias, gy,
+                          lambda: backward_fn(gy, x, stats, weight, bias, ctx.eps, *need), 1, recorded)
 
     fwd.register_autograd(lambda ctx, gy, _gstats: grads(ctx, gy, bwd), setup_context=save)
 
