@@ -343,3 +343,143 @@ def test_a_parametrized_norm_weight_keeps_its_parametrization_and_key():
     torch.testing.assert_close(converted[1].weight, model[1].weight)
     converted(torch.randn(2, 3, 8, 8)).sum().backward()
     assert converted[1].parametrizations.weight.original.grad is not None
+
+
+class _Gated(nn.Module):
+    """A conv block with a squeeze-excite gate whose BatchNorm sees one position per channel (``pool`` makes
+    the gate's input), and a pooled head with a BatchNorm after its conv."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.gate_bn, self.fc2 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1)
+        self.head_pool, self.head, self.head_bn = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu()
+        gate = self.fc2(F.silu(self.gate_bn(self.fc1(self.pool(x)))))
+        x = x * gate.sigmoid()
+        return self.head_bn(self.head(self.head_pool(x))).flatten(1)
+
+
+_GLOBAL_POOLS = {
+    "mean keepdim": lambda x: x.mean((2, 3), keepdim=True),
+    "negative dims": lambda x: torch.mean(x, dim=[-1, -2], keepdim=True),
+    "amax": lambda x: x.amax((3, 2), keepdim=True),
+    "adaptive pool": lambda x: F.adaptive_avg_pool2d(x, 1),
+    "adaptive max pool module": nn.AdaptiveMaxPool2d((1, 1)),
+    "avg + max": lambda x: 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, output_size=(1, 1))),
+    "timm avgmax": "timm",
+}
+
+
+class _Pool(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("pool", sorted(_GLOBAL_POOLS))
+def test_in_leaves_batch_norms_after_a_global_pool_as_they_are(pool):
+    """InstanceNorm over one position per channel has nothing to normalize (torch refuses it in every mode):
+    ``in`` skips the BatchNorms whose input graph analysis shows to be a global pool's output, through 1x1
+    convs, activations and norms, with the reason, and converts the others; the model still runs."""
+    fn = _GLOBAL_POOLS[pool]
+    if fn == "timm":
+        fn = pytest.importorskip("timm").layers.SelectAdaptivePool2d(pool_type="avgmax")
+    model = _Gated(fn if isinstance(fn, nn.Module) else _Pool(fn))
+    plan = normswap.plan(model, "in")
+    assert {c.path: c.action for c in plan.changes} == {"bn": "replace", "gate_bn": "skip", "head_bn": "skip"}
+    assert all("global pool" in c.reason for c in plan.skipped)
+    converted = normswap.convert(model, "in")
+    assert isinstance(converted.bn, nn.InstanceNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    for mode in (True, False):
+        assert converted.train(mode)(x).shape == (2, 6)
+    # the other specs convert them all: GroupNorm / LayerNorm over channels work on one position
+    for spec in ("gn", "ln"):
+        assert len(normswap.plan(model, spec).replaced) == 3
+
+
+def test_in_leaves_a_frozen_batch_norm_after_a_global_pool_as_it_is():
+    """A norm class that is no torch BatchNorm (torchvision's / timm's FrozenBatchNorm2d) tells its spatial rank
+    by its name."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = _Gated(_Pool(_GLOBAL_POOLS["mean keepdim"]))
+    model.gate_bn = FrozenBatchNorm2d(4)
+    assert [c.path for c in normswap.plan(model, "in").skipped] == ["gate_bn", "head_bn"]
+    normswap.convert(model, "in")(torch.randn(2, 3, 8, 8))
+
+
+def test_in_converts_batch_norms_after_pools_that_keep_positions():
+    """A pool to more than one position, a reduction over one spatial dim, a pooled tensor added to an unpooled
+    one: not a global pool's output as the graph shows it, so those BatchNorms convert."""
+    for pool in (nn.AdaptiveAvgPool2d(2), _Pool(lambda x: x.mean(3, keepdim=True).expand(-1, -1, -1, 2)),
+                 _Pool(lambda x: F.adaptive_avg_pool2d(x, (2, 1))), _Pool(lambda x: x.mean((2, 3), keepdim=True) + x)):
+        model = _Gated(pool)
+        model.head_pool = nn.AdaptiveAvgPool2d(2)
+        assert len(normswap.plan(model, "in").replaced) == 3, pool
+
+
+def test_in_refuses_a_functional_batch_norm_over_one_position_instead_of_returning_its_bias():
+    """A functional ``F.batch_norm`` rewritten to InstanceNorm, given one value per channel ([N, C] or a pooled
+    [N, C, 1, 1]), would return its bias whatever the input (GroupNorm(C, C) over one value): it raises, as
+    torch's InstanceNorm modules do, and the message names the way out."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.batch_norm(x, None, None, self.weight, self.bias, True)
+
+    converted = normswap.convert(Functional(), "in")
+    x = torch.randn(3, 4, 5, 5)
+    expected = F.instance_norm(x, weight=converted.weight, bias=converted.bias)
+    torch.testing.assert_close(converted(x), expected)
+    for shape in ((3, 4), (3, 4, 1, 1)):
+        with pytest.raises(ValueError, match="exclude"):
+            converted(torch.randn(shape))
+
+
+class _ExpertNorm(nn.Module):
+    """A norm of two inputs (Ergo's per-expert RMSNorm: the expert ids pick the weight rows): no adapter reads
+    it, and its functional call sits at the root of its own traced region."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(3, 8) + 0.5)
+
+    def forward(self, x, ids):
+        return F.rms_norm(x, (x.shape[-1],), eps=1e-6) * self.weight[ids]
+
+
+class _Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 8), _ExpertNorm()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: this module does not trace, its children do
+            x = x * 2
+        return self.norm(self.proj(x), torch.zeros(x.shape[0], dtype=torch.long))
+
+
+def test_a_functional_norm_at_the_root_of_a_traced_child_is_rewritten_at_that_child():
+    """The call's row names the child's path (it was 'experts.norm.', a path no module has, and convert
+    raised AttributeError), and the rewritten child computes the spec's formula."""
+    model = nn.Sequential(nn.Identity(), _Experts())
+    rows = [(c.path, c.action) for c in normswap.plan(model, "ln").changes]
+    assert rows == [("1.norm", "rewrite")]
+    converted = normswap.convert(model, "ln")
+    x = torch.randn(4, 8)
+    h = model[1].proj(x) * (2 if x.sum() > 0 else 1)
+    expected = F.layer_norm(h, (8,), eps=1e-6) * model[1].norm.weight[0]
+    torch.testing.assert_close(converted(x), expected)
+    # the norm as the whole model: its call is at the root
+    assert [(c.path, c.action) for c in normswap.plan(_ExpertNorm(), "ln").changes] == [("<root>", "rewrite")]

@@ -50,6 +50,8 @@ class NormInfo:
     drop: nn.Module | None = None
     adapter: str = ""
     identified: str = ""  # what probing found the module to compute (empty for modules a known adapter read)
+    # set by graph analysis, not by adapters: the input is a global pool's output, one position per channel
+    pooled: bool = False
     notes: list[str] = field(default_factory=list)
 
     def reference_tensor(self, module: nn.Module) -> torch.Tensor | None:

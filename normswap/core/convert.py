@@ -151,6 +151,7 @@ def _analyze_norms(model: nn.Module, spec: Spec, options: dict[str, Any], includ
             plan.changes.append(Change(item.paths[0], "skip", old, reason=item.reason or "not readable",
                                        also_at=tuple(item.paths[1:])))
             continue
+        item.info.pooled = any(p in rel.pooled for p in item.paths)
         reason = spec.skip_reason(item.info, options)
         if reason:
             plan.changes.append(Change(item.paths[0], "skip", old, reason=reason, also_at=tuple(item.paths[1:])))

@@ -38,6 +38,10 @@ def _gn_functional(x, running_mean=None, running_var=None, weight=None, bias=Non
 
 def _in_functional(x, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, *, spec_options):
+    if math.prod(x.shape[2:]) == 1:  # one value per channel: GroupNorm(C, C) would return the bias, silently
+        raise ValueError(f"InstanceNorm needs more than 1 spatial element per channel, got input size {x.size()}: "
+                         "a functional batch_norm call that normswap's 'in' spec rewrote; keep it a BatchNorm by "
+                         "excluding its module (exclude=[...])")
     return group_norm(x, x.shape[1], weight, bias, _eps(eps, spec_options))
 
 
@@ -92,6 +96,9 @@ def _instance_accepts(info: NormInfo, options: dict[str, Any]) -> str | None:
     if info.spatial_dims == 1:
         return ("BatchNorm1d may see [N, C] inputs, where InstanceNorm has a single value to normalize; "
                 "left as it is")
+    if info.pooled:
+        return ("its input is a global pool's output (one position per channel, as in a squeeze-excite gate), "
+                "where InstanceNorm has a single value to normalize; left as it is")
     return None
 
 
