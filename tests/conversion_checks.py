@@ -18,11 +18,11 @@ from torch import nn
 
 import normswap
 from norm_helpers import affine
-from normswap.adapters import read_norm
+from normswap.adapters import calls_norm_function, read_norm
 
 SOURCES = {"gn_ws": ("batch",), "gn": ("batch",), "in": ("batch",), "ghost_bn": ("batch",), "ln": ("batch", "rms"),
            "rms": ("layer",), "bert_ln": ("layer",)}
-GROUP_FAMILY = ("gn_ws", "gn", "in")  # specs whose output must not depend on the batch
+BATCH_INDEPENDENT = ("gn_ws", "gn", "in", "ln")  # specs whose output must not depend on the batch
 # class names of norms, by family, written independently of normswap's own probing patterns
 _SUFFIX = r"(\d+d|Act\d*d?|Fp32|2d)?$"  # BatchNorm2d, BatchNormAct2d, LayerNormFp32, ...: a norm, not a block
 _NAMES = (("rms", re.compile(r"(RMSNorm|RmsNorm|T5LayerNorm)" + _SUFFIX)),
@@ -47,7 +47,12 @@ def unplanned_norms(model: nn.Module, plan: normswap.Plan, spec: str) -> list[st
         oracle = _family_by_oracle(module)
         info, reason = read_norm(module)
         if oracle is not None and info is None and reason is None:
-            out.append(f"{path} ({type(module).__name__}: not read)")
+            # a norm-named module normswap does not read whole must be one whose functional norm calls it rewrites
+            # (transformers' WavTokenizerAdaLayerNorm: F.layer_norm, then a scale and shift looked up by id)
+            if not calls_norm_function(type(module)):
+                out.append(f"{path} ({type(module).__name__}: not read)")
+            elif oracle in SOURCES[spec] and path not in rows:
+                out.append(f"{path} ({type(module).__name__}: no plan row for its functional norm call)")
             continue
         family = info.kind if info is not None else (normswap.adapters.norm_family(module) if reason else None)
         if (info is not None or reason) and (family is None or family in SOURCES[spec]) and path not in rows:

@@ -6,18 +6,14 @@ JSON line); ``python tests/hf_sweep.py --out results.jsonl`` runs them all, two 
 table. ``tests/test_hf_sweep.py`` runs a seeded sample in the default suite and every type under ``slow``.
 
 A type is *skipped* when its default config does not build, shrunk or not, or the unconverted model does
-not run on generated inputs; every other outcome is the conversion's. Per spec the checks are: no
-exception but ``NormSwapError``; no source-family module without a plan row; the same class; each
-converted module computes its spec's formula; convs feeding converted norms standardized or named;
-finite forward (eval) and backward (train); batch independence for the GroupNorm family where the plan
-skipped no norm; and
-``save_pretrained`` + ``normswap.load`` giving the same outputs.
+not run on generated inputs; every other outcome is the conversion's: the checks of ``spec_checks.py``
+for every spec whose source family the model holds, the round trip through ``save_pretrained`` and
+``normswap.load``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -32,9 +28,9 @@ import warnings
 import torch
 from torch import nn
 
+from spec_checks import SPECS, check_spec, output_tensor, present_specs, run
 from sweep_runner import ResultLog, run_forked
 
-SPECS = ("gn_ws", "gn", "in", "ghost_bn", "ln", "rms", "bert_ln")
 SEED = 20261127
 TIMEOUT = 300
 
@@ -76,10 +72,12 @@ def _shrink_dict(d: dict, widths: bool, image: bool) -> dict:
             out[k] = [1 for _ in v]
         elif k in _EXPERTS and isinstance(v, int) and v > _EXPERTS[k]:
             out[k] = _EXPERTS[k]
-        elif k == "vocab_size" and isinstance(v, int) and v > _VOCAB:
+        elif k.startswith("vocab_size") and isinstance(v, int) and v > _VOCAB:  # vocab_size_per_layer_input too
             out[k] = _VOCAB
         elif widths and k in _WIDTH and isinstance(v, int) and v > _WIDTH[k]:
             out[k] = _WIDTH[k]
+        elif widths and (k.endswith("_hidden_size") or k.startswith("hidden_size_")) and isinstance(v, int) and v > 64:
+            out[k] = 64  # the width of another tower or input as this config names it: shrunk like its own
         elif widths and k in _HEADS and isinstance(v, int) and v > 4:
             out[k] = 4
         elif widths and k in ("width_coefficient", "depth_coefficient", "depth_multiplier") and isinstance(v, float):
@@ -90,6 +88,13 @@ def _shrink_dict(d: dict, widths: bool, image: bool) -> dict:
         elif widths and k == "num_key_value_heads" and isinstance(v, int):
             heads = next((d[h] for h in _HEADS if isinstance(d.get(h), int)), v)
             out[k] = v if v <= 2 else (4 if v >= heads else 2)
+    # widths equal in the default config stay equal (DeepSeek's head_dim is its qk_rope_head_dim)
+    if widths:
+        for value in {v for k, v in d.items() if k in _WIDTH and isinstance(v, int)}:
+            same = [k for k in _WIDTH if d.get(k) == value and isinstance(out.get(k), int)]
+            if len({out[k] for k in same}) > 1:
+                for k in same:
+                    out[k] = min(out[k] for k in same)
     # widths split over heads stay divisible by every head count the config names (lists per stage too)
     counts = [c for k in _HEADS for v in [out.get(k)] for c in (v if isinstance(v, (list, tuple)) else [v])
               if isinstance(c, int) and not isinstance(c, bool) and c > 0]
@@ -102,12 +107,17 @@ def _shrink_dict(d: dict, widths: bool, image: bool) -> dict:
         for key in ("out_features", "out_indices"):
             if key in out:
                 out[key] = None
-    # per-layer lists sized by a layer count follow it
+    # per-layer lists sized by a layer count follow it, and per-layer settings keyed by layer index keep the
+    # layers that remain (Gemma 4's per_layer_config: {"05": {"head_dim": 512}, ...})
     for k, before in layers_before.items():
         after = out[k]
         for key, value in d.items():
             if isinstance(value, list) and len(value) == before and before != after and key not in ("depths",):
                 out[key] = value[:after]
+            elif (key.startswith("per_layer") and isinstance(value, dict) and value and before != after
+                  and all(isinstance(i, str) and i.isdigit() for i in value)):
+                out[key] = {i: _shrink_dict(s, widths, image) if isinstance(s, dict) else s
+                            for i, s in value.items() if int(i) < after}
     if "vocab_size" in out and isinstance(out["vocab_size"], int):
         vocab = out["vocab_size"]
         taken = 0
@@ -146,12 +156,14 @@ def model_class(config_cls: type) -> type:
     return min(found, key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)))
 
 
-def build(model_type: str):
-    """``(model, inputs, how)``: the tiniest config of ``model_type`` that builds and runs, or raise."""
+def build(model_type: str, runnable: bool = True):
+    """``(model, inputs, how)``: the tiniest config of ``model_type`` that builds and runs, or raise; with
+    ``runnable=False``, where none runs, the tiniest that builds, with ``inputs`` ``None`` (``how`` then
+    says why it did not run)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    errors = []
+    errors, unrun = [], None
     for widths, image in ATTEMPTS:
         how = f"widths {'shrunk' if widths else 'kept'}, image size {'shrunk' if image else 'kept'}"
         try:
@@ -164,10 +176,16 @@ def build(model_type: str):
             size = sum(p.numel() for p in model.parameters())
             if size > MAX_PARAMS:
                 raise RuntimeError(f"{size / 1e6:.0f}M parameters")
-            inputs = runnable_inputs(model)
-            return model, inputs, how
         except Exception as exc:  # noqa: BLE001 - a config that does not build is a skip, with its reason
             errors.append(f"{how}: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}")
+            continue
+        try:
+            return model, runnable_inputs(model), how
+        except Exception as exc:  # noqa: BLE001 - built, but does not run on the generated inputs
+            errors.append(f"{how}: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}")
+            unrun = unrun or (model, None, errors[-1])
+    if unrun is not None and not runnable:
+        return unrun
     raise RuntimeError("; ".join(errors))
 
 
@@ -240,151 +258,13 @@ def make_inputs(model: nn.Module, g: torch.Generator, variant: str = "main") -> 
     return inputs
 
 
-def output_tensor(out):
-    """The first floating tensor of a model output, with a batch dim of 2."""
-    if isinstance(out, torch.Tensor):
-        return out if out.is_floating_point() and out.dim() and out.shape[0] == 2 else None
-    values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        t = output_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
-def run(model: nn.Module, inputs: dict):
-    return model(**inputs)
-
-
-def _present_specs(model: nn.Module) -> list[str]:
-    from conversion_checks import SOURCES
-    from normswap.adapters import norm_family, read_norm
-
-    families = set()
-    for m in model.modules():
-        info, reason = read_norm(m)
-        if info is not None:
-            families.add(info.kind)
-        elif reason is not None:
-            families.add(norm_family(m))
-    return [s for s in SPECS if families & set(SOURCES[s])]
-
-
-def check_spec(model: nn.Module, inputs: dict, spec: str) -> list[str]:
-    """The failures of converting ``model`` with ``spec`` (empty: it passes every check)."""
-    import normswap
-    from conversion_checks import GROUP_FAMILY, formula_errors, unplanned_norms, unstandardized_feeds
-
-    options = {"virtual_batch": 1} if spec == "ghost_bn" else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            plan = normswap.plan(model, spec, **options)
-            converted = normswap.convert(model, spec, **options)
-    except normswap.NormSwapError:
-        return []  # a clear refusal is an allowed outcome
-    except Exception as exc:  # noqa: BLE001 - anything but NormSwapError is a failure
-        return [f"convert raised {type(exc).__name__}: {exc}"[:300]]
-    failures = [f"no plan row: {m}" for m in unplanned_norms(model, plan, spec)[:3]]
-    if type(converted) is not type(model):
-        failures.append(f"class changed: {type(converted).__name__}")
-    if not plan.replaced:
-        return failures
-    checks = (
-        ("formula", lambda: formula_errors(converted, normswap.last_plan(converted), inputs, run)),
-        ("conv feeds", lambda: unstandardized_feeds(converted, normswap.last_plan(converted), inputs, run)
-         if spec == "gn_ws" else []),
-        ("finite", lambda: _finite(model, converted, inputs)),
-        # a plan that skips source norms (with their reasons) leaves the model batch-dependent on purpose
-        ("batch independence", lambda: _batch_independence(model, converted, inputs)
-         if spec in GROUP_FAMILY and not plan.skipped else []),
-        ("save/load", lambda: _round_trip(converted, inputs)),
-    )
-    for name, check in checks:
-        try:
-            failures += [f"{name}: {m}" for m in check()[:3]]
-        except Exception as exc:  # noqa: BLE001 - a check that raises is a failure of that check
-            failures.append(f"{name} raised {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    return failures
-
-
-def _finite(original: nn.Module, model: nn.Module, inputs: dict) -> list[str]:
-    """Finite forward in eval mode and backward in train mode; a model that needs more than these inputs in
-    train mode (labels, say: the original refuses them just the same) does its backward in eval mode, and
-    a model whose unconverted form cannot run that backward either (Reformer's reversible layers train only
-    in train mode) is not checked."""
-    train = True
-    try:
-        with torch.no_grad():
-            run(copy.deepcopy(original).train(), inputs)
-    except Exception:  # noqa: BLE001 - the unconverted model does not run in train mode on these inputs
-        train = False
-    try:
-        _forward_backward(copy.deepcopy(original), inputs, train)
-    except Exception:  # noqa: BLE001 - nothing the conversion could have broken
-        return []
-    return _forward_backward(model, inputs, train)
-
-
-def _forward_backward(model: nn.Module, inputs: dict, train: bool) -> list[str]:
-    out = []
-    for mode, backward in ((False, False), (train, True)):
-        model.train(mode)
-        model.zero_grad(set_to_none=True)
-        y = output_tensor(run(model, inputs))
-        if not bool(torch.isfinite(y).all()):
-            out.append(f"non-finite output in {'train' if mode else 'eval'} mode")
-            continue
-        if backward:
-            y.float().square().mean().backward()
-            bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            if bad:
-                out.append(f"non-finite gradients: {bad[:3]}")
-    model.eval()
-    return out
-
-
-def per_sample_field(model: nn.Module, inputs: dict) -> str | None:
-    """The first output field that holds one row per sample (not a batch-by-batch similarity matrix)."""
-    one_sample = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v
-                  for k, v in inputs.items()}
-    with torch.no_grad():
-        full, alone = run(model.eval(), inputs), run(model, one_sample)
-    if isinstance(full, torch.Tensor) or not hasattr(full, "keys"):
-        return None
-    for key in full.keys():
-        a, b = full[key], alone.get(key) if hasattr(alone, "get") else None
-        if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.dim()
-                and a.shape[0] == 2 and b.shape[0] == 1 and a.shape[1:] == b.shape[1:]):
-            return key
-    return None
-
-
-def _batch_independence(original: nn.Module, converted: nn.Module, inputs: dict) -> list[str]:
-    from normswap.validation import validate
-
-    field = per_sample_field(original, inputs)
-    report = validate(original, converted, inputs, checks=["batch_independence"], output=field)
-    return [f"{r.detail} (at {r.module or '-'})" for r in report.rows if r.status == "fail"]
-
-
-def _round_trip(model: nn.Module, inputs: dict) -> list[str]:
+def _reload(model: nn.Module) -> nn.Module:
+    """``model`` through ``save_pretrained`` and ``normswap.load``."""
     import normswap
 
     with tempfile.TemporaryDirectory() as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.save_pretrained(tmp)
-            loaded = normswap.load(tmp).eval()
-    model.eval()
-    with torch.no_grad():  # the same seed for both: some models sample in eval mode (ViLT's image patches)
-        torch.manual_seed(0)
-        a = output_tensor(run(model, inputs))
-        torch.manual_seed(0)
-        b = output_tensor(run(loaded, inputs))
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=0, atol=1e-6 * max(1.0, float(a.abs().max()))):
-        return [f"loaded model's output differs by {float((a - b).abs().max()):.3g}"]
-    return []
+        model.save_pretrained(tmp)
+        return normswap.load(tmp)
 
 
 def one(model_type: str, report=lambda partial: None) -> dict:
@@ -396,16 +276,18 @@ def one(model_type: str, report=lambda partial: None) -> dict:
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     try:
-        model, inputs, how = build(model_type)
+        model, inputs, how = build(model_type, runnable=False)
     except Exception as exc:  # noqa: BLE001
         return {"type": model_type, "built": False, "reason": str(exc)[:400], "seconds": time.time() - start}
-    result = {"type": model_type, "built": True, "how": how, "class": type(model).__name__, "specs": {}}
+    result = {"type": model_type, "built": inputs is not None, "how": how, "class": type(model).__name__, "specs": {}}
+    if inputs is None:  # built but did not run: the structural checks alone (plan rows, conversion, class)
+        result.update(reason=how, structure_only=True)
     report(result)
-    for spec in _present_specs(model):
+    for spec in present_specs(model):
         result["running"] = spec
         report(result)
         try:
-            failures = check_spec(model, inputs, spec)
+            failures = check_spec(model, inputs, spec, _reload)
         except Exception:  # noqa: BLE001
             failures = [f"sweep error: {traceback.format_exc(limit=2)[-300:]}"]
         result["specs"][spec] = failures
@@ -459,16 +341,22 @@ def sample(k: int) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: types enumerated, built, and per spec the types that hold its family and pass."""
+    """Markdown: types enumerated, built, and per spec the types that hold its family and pass; the types that
+    built but did not run (structural checks alone) in columns of their own."""
     built = [r for r in results if r.get("built")]
+    unrun = [r for r in results if r.get("structure_only")]
     lines = [f"{len(results)} of the {len(model_types())} model types of the config mapping swept, {len(built)} "
-             "built and ran unconverted", "",
-             "| spec | types with its source family | pass every check | share |", "|---|---|---|---|"]
+             f"built and ran unconverted, {len(unrun)} more built but did not run on generated inputs (checked "
+             "for plan rows, conversion and class alone)", "",
+             "| spec | types that ran, with its source family | pass every check | share | built, not run | "
+             "pass the structural checks |", "|---|---|---|---|---|---|"]
     for spec in SPECS:
         held = [r for r in built if spec in r["specs"]]
         ok = [r for r in held if not r["specs"][spec]]
         share = f"{100 * len(ok) / len(held):.1f}%" if held else "-"
-        lines.append(f"| `{spec}` | {len(held)} | {len(ok)} | {share} |")
+        structural = [r for r in unrun if spec in r["specs"]]
+        passed = [r for r in structural if not r["specs"][spec]]
+        lines.append(f"| `{spec}` | {len(held)} | {len(ok)} | {share} | {len(structural)} | {len(passed)} |")
     return "\n".join(lines)
 
 
@@ -480,6 +368,7 @@ def write_record(results: list[dict], path: str) -> None:
     import transformers
 
     types = {r["type"]: {"built": bool(r.get("built")), "seconds": round(r.get("seconds") or 0, 1),
+                         **({"structure_only": True} if r.get("structure_only") else {}),
                          "specs": r.get("specs", {}), **({} if r.get("built") else {"reason": r.get("reason", "")})}
              for r in sorted(results, key=lambda r: r["type"])}
     record = {"transformers": transformers.__version__, "torch": torch.__version__,

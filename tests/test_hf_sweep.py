@@ -20,14 +20,16 @@ FAST = sorted(t for t, r in RECORD["types"].items() if r["built"] and r["seconds
 SAMPLE = sorted(random.Random(hf_sweep.SEED).sample(FAST, min(3, len(FAST))))
 # types that fail a check in the recorded sweep, with the reason (each one is listed in the README)
 KNOWN_FAILURES = {t: "; ".join(f"{s}: {f[0]}" for s, f in r["specs"].items() if f)
-                  for t, r in RECORD["types"].items() if r["built"] and any(r["specs"].values())}
+                  for t, r in RECORD["types"].items() if any(r["specs"].values())}
 
 
 def _assert_passes(result: dict) -> None:
+    """Every spec's checks pass: all of them where the model ran, the structural ones (plan rows, conversion,
+    class) where it built but did not run on generated inputs; a type that did not build is skipped."""
+    failures = {spec: f for spec, f in result.get("specs", {}).items() if f}
+    assert not failures, failures
     if not result.get("built"):
         pytest.skip(f"does not build or run unconverted: {result.get('reason')}")
-    failures = {spec: f for spec, f in result["specs"].items() if f}
-    assert not failures, failures
 
 
 @pytest.mark.parametrize("model_type", SAMPLE)

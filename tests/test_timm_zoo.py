@@ -1,11 +1,12 @@
-"""timm zoo: every architecture with a BatchNorm converts with gn_ws and trains; every one with a
-LayerNorm converts with rms and bert_ln. CI runs a seeded sample; ``pytest -m slow`` runs them all."""
+"""timm zoo: every architecture with a BatchNorm converts with gn_ws (and gn, in, ghost_bn, ln) and trains;
+every one with a LayerNorm converts with rms and bert_ln. CI runs a seeded sample; ``pytest -m slow`` runs
+them all. The checks are ``spec_checks.check_spec``'s (``timm_zoo.check_timm_specs``)."""
 
 
 import pytest
 import timm
 
-from timm_zoo import INDEX, SAMPLE, check_timm, sample, skip_unless_installed, with_norm as _with
+from timm_zoo import INDEX, SAMPLE, check_timm, check_timm_specs, sample, skip_unless_installed, with_norm as _with
 
 AVAILABLE = set(timm.list_models())
 
@@ -20,7 +21,9 @@ KNOWN_FAILURES: dict[str, str] = {}
 
 
 # of each sample, the first ones up to FAST_MAX_PARAMS run in the fast suite, the rest under -m long
-FAST_BN, FAST_LN, FAST_MAX_PARAMS = 10, 2, 8e6
+FAST_BN, FAST_LN, FAST_OTHER, FAST_MAX_PARAMS = 10, 2, 2, 8e6
+# the specs other than gn_ws that take a BatchNorm, checked together on one build of each sampled model
+OTHER_BATCH_SPECS = ("gn", "in", "ghost_bn", "ln")
 
 
 def _param(names, fast=None):
@@ -53,6 +56,14 @@ def test_gn_ws_sample(name):
     assert check_timm(name, "gn_ws", "batch") == "ok"
 
 
+@pytest.mark.parametrize("name", _param(_spread(sample(_with("batch", CI_MAX_PARAMS, installed_only=False), 16, seed=1)),
+                                        FAST_OTHER))
+def test_other_batch_specs_sample(name):
+    skip_unless_installed(name)
+    failures = check_timm_specs(name, OTHER_BATCH_SPECS, "batch")
+    assert failures is not None and not any(failures.values()), failures
+
+
 @pytest.mark.parametrize("name", _param(_spread(sample(_with("layer", CI_MAX_PARAMS, installed_only=False), 8)), FAST_LN))
 @pytest.mark.parametrize("spec", ["rms", "bert_ln"])
 def test_layer_norm_specs_sample(name, spec):
@@ -65,6 +76,15 @@ def test_layer_norm_specs_sample(name, spec):
 def test_gn_ws_full(name):
     if check_timm(name, "gn_ws", "batch") == "no-norm":
         pytest.skip("no BatchNorm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(AVAILABLE))
+def test_other_batch_specs_full(name):
+    failures = check_timm_specs(name, OTHER_BATCH_SPECS, "batch")
+    if failures is None:
+        pytest.skip("no BatchNorm")
+    assert not any(failures.values()), failures
 
 
 @pytest.mark.slow
