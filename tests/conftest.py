@@ -4,8 +4,16 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+# property-based tests draw the same examples on every run by default, so that a clean CI run cannot go red
+# on a draw the previous one did not make; HYPOTHESIS_PROFILE=explore draws new ones (with the test's own
+# example counts, or more with --hypothesis-seed / a settings override) to look for bugs
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ from fuzz_models import architectures
 SPECS = ["gn_ws", "gn", "in", "ln", "ghost_bn", "rms", "bert_ln", "wn"]
 FAST = settings(max_examples=12, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-LONG = settings(max_examples=int(os.environ.get("NORMSWAP_FUZZ_EXAMPLES", "2000")), deadline=None,
+LONG = settings(max_examples=int(os.environ.get("NORMSWAP_FUZZ_EXAMPLES", "2000")), deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
