@@ -76,7 +76,8 @@ def _shrink_dict(d: dict, widths: bool, image: bool) -> dict:
             out[k] = _VOCAB
         elif widths and k in _WIDTH and isinstance(v, int) and v > _WIDTH[k]:
             out[k] = _WIDTH[k]
-        elif widths and (k.endswith("_hidden_size") or k.startswith("hidden_size_")) and isinstance(v, int) and v > 64:
+        elif (widths and (k.endswith("_hidden_size") or k.startswith("hidden_size_")) and isinstance(v, int)
+              and v > 64):
             out[k] = 64  # the width of another tower or input as this config names it: shrunk like its own
         elif widths and k in _HEADS and isinstance(v, int) and v > 4:
             out[k] = 4

@@ -126,7 +126,8 @@ def _forward_backward(model: nn.Module, inputs: dict, train: bool) -> list[str]:
             continue
         if backward:
             y.float().square().mean().backward()
-            bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            bad = [n for n, p in model.named_parameters()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             if bad:
                 out.append(f"non-finite gradients: {bad[:3]}")
     model.eval()

@@ -56,8 +56,8 @@ def test_gn_ws_sample(name):
     assert check_timm(name, "gn_ws", "batch") == "ok"
 
 
-@pytest.mark.parametrize("name", _param(_spread(sample(_with("batch", CI_MAX_PARAMS, installed_only=False), 16, seed=1)),
-                                        FAST_OTHER))
+@pytest.mark.parametrize("name", _param(_spread(sample(_with("batch", CI_MAX_PARAMS, installed_only=False), 16,
+                                                       seed=1)), FAST_OTHER))
 def test_other_batch_specs_sample(name):
     skip_unless_installed(name)
     failures = check_timm_specs(name, OTHER_BATCH_SPECS, "batch")
