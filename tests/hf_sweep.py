@@ -178,16 +178,20 @@ def build(model_type: str, runnable: bool = True):
             if size > MAX_PARAMS:
                 raise RuntimeError(f"{size / 1e6:.0f}M parameters")
         except Exception as exc:  # noqa: BLE001 - a config that does not build is a skip, with its reason
-            errors.append(f"{how}: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}")
+            errors.append(_failure(how, exc))
             continue
         try:
             return model, runnable_inputs(model), how
         except Exception as exc:  # noqa: BLE001 - built, but does not run on the generated inputs
-            errors.append(f"{how}: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}")
+            errors.append(_failure(how, exc))
             unrun = unrun or (model, None, errors[-1])
     if unrun is not None and not runnable:
         return unrun
     raise RuntimeError("; ".join(errors))
+
+
+def _failure(how: str, exc: Exception) -> str:
+    return f"{how}: {type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"
 
 
 def runnable_inputs(model: nn.Module) -> dict:
