@@ -190,6 +190,46 @@ def test_channel_layer_norm_matches_the_torch_ops_path(shape, affine, bias, monk
     _assert_threads_match_reference(layer, x, gy, monkeypatch)
 
 
+@needs_native
+def test_channel_layer_norm_is_as_precise_as_torch_layer_norm_over_many_channels(monkeypatch):
+    """Hundreds of channels whose first value lies far from their mean: the forward's sums ran in float32 from
+    that first value and lost ~300 ulp (GhostNetV3's 538 channels, caught by the timm sweep). Forward and
+    backward against float64, within 4x the error of torch's own float32 LayerNorm on the same values plus
+    4 ulp."""
+    import torch.nn.functional as F
+
+    from normswap.norms.channel_layer_norm import ChannelLayerNorm
+
+    torch.manual_seed(0)
+    channels = 538
+    x = torch.randn(2, channels, 7, 9) + 1.0
+    x[:, 0] = 8.0
+    gy = torch.randn_like(x)
+    layer = ChannelLayerNorm(channels)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    assert _runs_native(layer, x.clone().requires_grad_(), monkeypatch)
+
+    def torch_ops(dtype):
+        xs = x.to(dtype, copy=True).requires_grad_()
+        w, b = (p.detach().to(dtype).requires_grad_() for p in layer.parameters())
+        y = F.layer_norm(xs.movedim(1, -1), (channels,), w, b, layer.eps).movedim(-1, 1)
+        y.backward(gy.to(dtype))
+        return [t.double() for t in (y.detach(), xs.grad, w.grad, b.grad)]
+
+    reference, theirs = torch_ops(torch.float64), torch_ops(torch.float32)
+    xs = x.clone().requires_grad_()
+    y = layer(xs)
+    y.backward(gy)
+    mine = [t.double() for t in (y.detach(), xs.grad, layer.weight.grad, layer.bias.grad)]
+    ulp = torch.finfo(torch.float32).eps
+    for name, a, t, r in zip(("y", "dx", "dw", "db"), mine, theirs, reference):
+        scale = r.abs().max()
+        err, torch_err = float((a - r).abs().max() / scale), float((t - r).abs().max() / scale)
+        assert err <= 4 * torch_err + 4 * ulp, f"{name}: {err:.3g} off float64 (torch's LayerNorm: {torch_err:.3g})"
+
+
 def _runs_native(layer, x, monkeypatch) -> bool:
     """Whether ``layer(x)`` ran the fused channel LayerNorm kernel."""
     calls = []
