@@ -30,6 +30,39 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where there is none (not Linux / glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim() if sys.platform.startswith("linux") else None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def pytest_runtest_teardown(item):
+    """Give freed heap memory back to the system after a test that left the process big: glibc keeps what the
+    zoo tests' models freed (its mmap threshold grows after large frees), and over the long suite the process
+    grew past 18 GB of this 24 GB machine, once past it (OOM-killed)."""
+    if _TRIM is None:
+        return
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return
+    if resident > 4 * 2**30:
+        import gc
+
+        gc.collect()
+        _TRIM(0)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """These tensors are tiny: intra-op threads only add waiting (a lot of it on a busy machine).
